@@ -1,0 +1,182 @@
+"""Turn an exception into an error category and a short, specific message.
+
+Classification walks the exception's `__cause__`/`__context__` chain: with implicit
+TLS a certificate failure arrives wrapped in `SMTPConnectError`, with STARTTLS it
+arrives raw as `ssl.SSLCertVerificationError`. Never by broad class alone.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPException,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+
+from tasks.errors import ErrorCategory, SessionFailure, Stage
+
+# OpenSSL X509_V_ERR_* codes; the native verifiers on Windows and macOS map to these.
+CERT_NOT_YET_VALID = 9
+CERT_HAS_EXPIRED = 10
+HOSTNAME_MISMATCH = 62
+IP_ADDRESS_MISMATCH = 64
+
+MAX_QUOTED_REPLY = 120
+_E = TypeVar("_E", bound=BaseException)
+_ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+_BEFORE_GREETING = frozenset({Stage.RESOLVE, Stage.CONNECT, Stage.TLS, Stage.BANNER})
+_TLS_VERIFY_CATEGORIES = frozenset(
+    {ErrorCategory.TLS_UNTRUSTED, ErrorCategory.TLS_EXPIRED, ErrorCategory.TLS_HOSTNAME}
+)
+STAGE_ACTIVITY = {
+    Stage.RESOLVE: "resolving the host name",
+    Stage.CONNECT: "connecting",
+    Stage.TLS: "for the TLS handshake",
+    Stage.BANNER: "waiting for the server greeting",
+    Stage.EHLO: "waiting for the EHLO reply",
+    Stage.STARTTLS: "for STARTTLS and the TLS handshake",
+    Stage.AUTH: "waiting for the AUTH reply",
+    Stage.QUIT: "waiting for the QUIT reply",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A classified failure of one connection."""
+
+    category: ErrorCategory
+    message: str
+    stage: Stage
+    smtp_code: int | None = None
+    smtp_enhanced: str | None = None
+    verify_code: int | None = None
+
+    @property
+    def is_certificate_failure(self) -> bool:
+        return self.category in _TLS_VERIFY_CATEGORIES
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, then its causes and contexts, each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    for link in exception_chain(exc):
+        if isinstance(link, kind):
+            return link
+    return None
+
+
+def quote_reply(text: str) -> str:
+    """A server's words made safe for one log line: printable, single-line, bounded."""
+    flat = " / ".join(line.strip() for line in text.splitlines() if line.strip())
+    printable = "".join(ch if ch.isprintable() else "?" for ch in flat)
+    if len(printable) > MAX_QUOTED_REPLY:
+        return printable[:MAX_QUOTED_REPLY] + "…"
+    return printable
+
+
+def _reply_failure(
+    category: ErrorCategory, stage: Stage, code: int, text: str, prefix: str = ""
+) -> Failure:
+    reply = quote_reply(text)
+    match = _ENHANCED_CODE.match(reply)
+    return Failure(
+        category,
+        f"{prefix}{code} {reply}".strip(),
+        stage,
+        smtp_code=code,
+        smtp_enhanced=match.group(1) if match else None,
+    )
+
+
+def _classify_reply(exc: SMTPResponseException, stage: Stage) -> Failure:
+    code, text = exc.code, exc.message
+    if code < 0:
+        # aiosmtplib's code for a reply that is not SMTP at all.
+        return Failure(
+            ErrorCategory.PROTOCOL,
+            f"not an SMTP reply ({quote_reply(text)})",
+            stage,
+        )
+    enhanced = _ENHANCED_CODE.match(text.strip())
+    is_auth = isinstance(exc, SMTPAuthenticationError) or stage is Stage.AUTH
+    if is_auth and (code in (534, 535) or (enhanced and enhanced.group(1).startswith("5.7."))):
+        return _reply_failure(ErrorCategory.AUTH_FAILED, stage, code, text)
+    if 400 <= code < 500:
+        return _reply_failure(ErrorCategory.SMTP_TRANSIENT, stage, code, text)
+    if 500 <= code < 600:
+        if stage is Stage.STARTTLS:
+            return _reply_failure(
+                ErrorCategory.STARTTLS_UNAVAILABLE, stage, code, text, "STARTTLS refused: "
+            )
+        return _reply_failure(ErrorCategory.SMTP_PERMANENT, stage, code, text)
+    return _reply_failure(ErrorCategory.PROTOCOL, stage, code, text, "unexpected reply: ")
+
+
+def _classify_certificate(exc: ssl.SSLCertVerificationError, stage: Stage) -> Failure:
+    code = exc.verify_code
+    detail = exc.verify_message or exc.reason or str(exc)
+    if code in (CERT_HAS_EXPIRED, CERT_NOT_YET_VALID):
+        category = ErrorCategory.TLS_EXPIRED
+    elif code in (HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH):
+        category = ErrorCategory.TLS_HOSTNAME
+    else:
+        category = ErrorCategory.TLS_UNTRUSTED
+    return Failure(category, f"certificate verify failed: {detail}", stage, verify_code=code)
+
+
+def classify(exc: BaseException, stage: Stage, *, host: str, endpoint: str) -> Failure:
+    """Classify what ended a connection at `stage`.
+
+    Timeouts are not handled here: the caller knows how long the stage ran.
+    Anything not recognised is INTERNAL, a bug the caller logs with its traceback.
+    """
+    if isinstance(exc, SessionFailure):
+        return Failure(exc.category, exc.message, stage, smtp_code=exc.smtp_code)
+    if (cert_error := _find(exc, ssl.SSLCertVerificationError)) is not None:
+        return _classify_certificate(cert_error, stage)
+    if (tls_error := _find(exc, ssl.SSLError)) is not None:
+        reason = (tls_error.reason or str(tls_error)).lower().replace("_", " ")
+        return Failure(ErrorCategory.TLS_HANDSHAKE, f"TLS handshake failed: {reason}", stage)
+    if (dns_error := _find(exc, socket.gaierror)) is not None:
+        return Failure(ErrorCategory.DNS, f"could not resolve {host}: {dns_error.strerror}", stage)
+    if (reply := _find(exc, SMTPResponseException)) is not None:
+        return _classify_reply(reply, stage)
+    lost = _find(exc, SMTPServerDisconnected) or _find(exc, ConnectionError)
+    if lost is not None or isinstance(exc, OSError):
+        if stage in _BEFORE_GREETING:
+            if _find(exc, ConnectionRefusedError) is not None:
+                return Failure(ErrorCategory.REFUSED, f"connection refused by {endpoint}", stage)
+            os_error = _find(exc, OSError)
+            detail = os_error.strerror if os_error is not None and os_error.strerror else None
+            return Failure(
+                ErrorCategory.REFUSED,
+                f"connection closed before the greeting ({detail})"
+                if detail
+                else "connection closed before the greeting",
+                stage,
+            )
+        during = STAGE_ACTIVITY[stage].replace("waiting for", "during")
+        return Failure(ErrorCategory.DISCONNECTED, f"server closed the connection {during}", stage)
+    if (smtp_error := _find(exc, SMTPException)) is not None:
+        return Failure(ErrorCategory.PROTOCOL, quote_reply(smtp_error.message), stage)
+    return Failure(
+        ErrorCategory.INTERNAL,
+        f"internal error ({type(exc).__name__}); the worker log has the traceback",
+        stage,
+    )

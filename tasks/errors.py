@@ -1,0 +1,86 @@
+"""Error categories, session stages and the exception tree of the session core."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCategory(StrEnum):
+    """Why a session failed: the `error` field of an Outcome and the `error` metric label."""
+
+    INVALID_REQUEST = "invalid_request"
+    DNS = "dns"
+    REFUSED = "refused"
+    TIMEOUT = "timeout"
+    DISCONNECTED = "disconnected"
+    TLS_HANDSHAKE = "tls_handshake"
+    TLS_UNTRUSTED = "tls_untrusted"
+    TLS_EXPIRED = "tls_expired"
+    TLS_HOSTNAME = "tls_hostname"
+    STARTTLS_UNAVAILABLE = "starttls_unavailable"
+    AUTH_UNAVAILABLE = "auth_unavailable"
+    AUTH_FAILED = "auth_failed"
+    SMTP_TRANSIENT = "smtp_transient"
+    SMTP_PERMANENT = "smtp_permanent"
+    PROTOCOL = "protocol"
+    INTERNAL = "internal"
+
+    @property
+    def retryable(self) -> bool:
+        """True when another attempt may succeed without anybody changing anything."""
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset(
+    {
+        ErrorCategory.DNS,
+        ErrorCategory.REFUSED,
+        ErrorCategory.TIMEOUT,
+        ErrorCategory.DISCONNECTED,
+        ErrorCategory.SMTP_TRANSIENT,
+    }
+)
+
+
+class Stage(StrEnum):
+    """Where in the session an attempt was when it ended."""
+
+    VALIDATE = "validate"
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    TLS = "tls"  # the implicit TLS handshake (security=tls)
+    BANNER = "banner"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    AUTH = "auth"
+    QUIT = "quit"
+    DONE = "done"
+
+
+class SessionWorkerError(Exception):
+    """Root of every exception this project raises on purpose."""
+
+
+class InvalidRequest(SessionWorkerError, ValueError):
+    """A request field (or the secret it references) is unusable; no I/O was done."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class SessionFailure(SessionWorkerError):
+    """A failure the core detects itself, not one aiosmtplib raises (STARTTLS not offered…)."""
+
+    def __init__(
+        self,
+        category: ErrorCategory,
+        message: str,
+        *,
+        smtp_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.category = category
+        self.message = message
+        self.smtp_code = smtp_code

@@ -1,0 +1,93 @@
+"""The Outcome of one session request (JSON `schema: 1`, see DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import ErrorCategory, Stage
+
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CertInfo(_Frozen):
+    """The certificate the server presented, verified or not."""
+
+    subject: str
+    issuer: str
+    not_before: str
+    not_after: str
+    sans: list[str]
+    sha256: str
+
+
+class TlsInfo(_Frozen):
+    version: str | None = None
+    cipher: str | None = None
+    trust: str | None = None  # the trust mode of the last handshake: native or portable
+    fallback: bool = False  # the portable retry after a native tls_untrusted ran
+    verified: bool = False
+    cert: CertInfo | None = None
+
+
+class ServerInfo(_Frozen):
+    banner: str | None = None
+    extensions: list[str] = []
+    auth_mechanisms: list[str] = []
+    size_limit: int | None = None
+
+
+class Timings(_Frozen):
+    """Seconds spent per stage of the last connection; null for stages that did not run."""
+
+    resolve: float | None = None
+    connect: float | None = None
+    tls: float | None = None  # implicit TLS handshake (security=tls) only
+    banner: float | None = None
+    ehlo: float | None = None
+    starttls: float | None = None
+    auth: float | None = None
+    quit: float | None = None
+    total: float | None = None
+
+
+class Outcome(_Frozen):
+    schema_: int = SCHEMA_VERSION
+    ok: bool
+    err_message: str
+    error: ErrorCategory | None = None
+    stage: Stage
+    retryable: bool = False
+    hint: str | None = None
+    smtp_code: int | None = None
+    smtp_enhanced: str | None = None
+    host: str
+    port: int | None = None
+    address: str | None = None
+    security: str | None = None
+    target: str | None = None
+    tls: TlsInfo | None = None
+    server: ServerInfo | None = None
+    authenticated: bool = False
+    timings: Timings = Timings()
+    attempts: int = 0
+    started_at: str
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict, keyed as in DESIGN.md (`schema`, not `schema_`)."""
+        data = self.model_dump(mode="json")
+        return {"schema": data.pop("schema_"), **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Outcome:
+        """Read back what to_dict() wrote (a Celery result, a `--json` line)."""
+        fields = dict(data)
+        fields["schema_"] = fields.pop("schema", SCHEMA_VERSION)
+        return cls.model_validate(fields)

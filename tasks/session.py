@@ -1,0 +1,473 @@
+"""open_session: one SMTP session request with deadlines, retries and the trust fallback.
+
+Pure asyncio: no Celery, no broker, nothing beyond the network it is asked to reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+from aiosmtplib import SMTP, SMTPException, SMTPResponse
+
+from tasks.classify import CERT_HAS_EXPIRED, STAGE_ACTIVITY, Failure, classify, quote_reply
+from tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
+from tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
+from tasks.request import IMPLICIT_TLS_PORT, SessionRequest, parse_request
+from tasks.secrets import Credentials, resolve_credentials
+from tasks.trust import (
+    TrustMode,
+    fetch_unverified_certificate,
+    peer_certificate,
+    verifying_context,
+)
+
+DEFAULT_BACKOFF_BASE = 1.0
+MAX_BACKOFF = 30.0
+PASSWORD_MECHANISMS = ("plain", "login")  # in order of preference; one try, no lockouts
+MAX_ECHOED_HOST = 253
+
+log = structlog.get_logger("smtp_session")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with "equal jitter": half the step fixed, half random."""
+
+    base: float = DEFAULT_BACKOFF_BASE
+    cap: float = MAX_BACKOFF
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        step = min(self.cap, self.base * 2 ** (attempt - 1))
+        return float(step / 2 + random.uniform(0, step / 2))
+
+
+_local_fqdn: str | None = None
+
+
+async def local_hostname() -> str:
+    """This machine's FQDN for EHLO, looked up once per process (it may block on DNS)."""
+    global _local_fqdn
+    if _local_fqdn is None:
+        _local_fqdn = await asyncio.to_thread(socket.getfqdn)
+    return _local_fqdn
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Connection:
+    """One TCP connection in one trust mode: resolve → connect → … → QUIT."""
+
+    def __init__(
+        self,
+        request: SessionRequest,
+        credentials: Credentials | None,
+        trust: TrustMode | None,
+        ehlo_name: str,
+    ) -> None:
+        self.request = request
+        self.credentials = credentials
+        self.trust = trust
+        self.ehlo_name = ehlo_name
+        self.implicit_tls = request.effective_security == "tls"
+        self.stage = Stage.RESOLVE
+        self.timings: dict[str, float] = {}
+        self.address: str | None = None
+        self.banner: str | None = None
+        self.server: ServerInfo | None = None
+        self.tls_version: str | None = None
+        self.cipher: str | None = None
+        self.cert: CertInfo | None = None
+        self.verified = False
+        self.authenticated = False
+        self.deadline = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._stage_started = 0.0
+        self._smtp: SMTP | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - self._loop.time()
+
+    def _enter(self, stage: Stage) -> None:
+        now = self._loop.time()
+        if self.stage is not Stage.DONE:
+            key = self.stage.value
+            self.timings[key] = round(self.timings.get(key, 0.0) + now - self._stage_started, 6)
+        self.stage, self._stage_started = stage, now
+
+    async def run(self) -> Failure | None:
+        """Run the session; None when it reached the requested state and sent QUIT."""
+        self._stage_started = self._loop.time()
+        self.deadline = self._stage_started + self.request.timeout
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await self._session()
+        except TimeoutError:
+            if self.stage is Stage.QUIT:
+                return None  # QUIT is sent; the reply is the server's business
+            waited = self._loop.time() - self._stage_started
+            return Failure(
+                ErrorCategory.TIMEOUT,
+                f"timed out after {waited:.1f} s {STAGE_ACTIVITY[self.stage]}",
+                self.stage,
+            )
+        except Exception as exc:  # classified below; a bug becomes INTERNAL with its traceback
+            failure = classify(
+                exc,
+                self.stage,
+                host=self.request.connect_host,
+                endpoint=f"{self.address or self.request.connect_host} port "
+                f"{self.request.effective_port}",
+            )
+            if failure.category is ErrorCategory.INTERNAL:
+                log.exception("session.internal_error", host=self.request.host, stage=self.stage)
+            return failure
+        finally:
+            self._enter(self.stage)
+            if self._smtp is not None:
+                self._smtp.close()
+        return None
+
+    async def _bounded(self, stage: Stage, step: Awaitable[_T], seconds: float) -> _T:
+        self._enter(stage)
+        async with asyncio.timeout(seconds):
+            return await step
+
+    async def _session(self) -> None:
+        request = self.request
+        self._enter(Stage.RESOLVE)
+        addresses = await self._loop.getaddrinfo(
+            request.connect_host, request.effective_port, type=socket.SOCK_STREAM
+        )
+        self._enter(Stage.CONNECT)
+        connect_deadline = self._loop.time() + request.effective_connect_timeout
+        sock = await self._open_socket(addresses, connect_deadline)
+        context = None if self.trust is None else verifying_context(self.trust, request.ca_file)
+        smtp = self._smtp = SMTP(
+            hostname=request.connect_host,
+            sock=sock,
+            use_tls=self.implicit_tls,
+            start_tls=False,
+            tls_context=context,
+            local_hostname=self.ehlo_name,
+            timeout=None,  # every step is bounded here, by stage and by the attempt deadline
+        )
+        greeting = await self._greet(smtp, connect_deadline)
+        self.banner = f"{greeting.code} {quote_reply(greeting.message)}"
+        if self.implicit_tls:
+            self._record_tls(smtp)
+        command_timeout = request.effective_command_timeout
+        await self._bounded(Stage.EHLO, smtp.ehlo(), command_timeout)
+        self._record_server(smtp)
+        if request.effective_security == "starttls":
+            if not smtp.supports_extension("starttls"):
+                raise SessionFailure(
+                    ErrorCategory.STARTTLS_UNAVAILABLE,
+                    "server does not offer STARTTLS; not continuing in plaintext",
+                )
+            await self._bounded(Stage.STARTTLS, smtp.starttls(tls_context=context), command_timeout)
+            self._record_tls(smtp)
+            await self._bounded(Stage.EHLO, smtp.ehlo(), command_timeout)
+            self._record_server(smtp)
+        if self.credentials is not None:
+            await self._bounded(
+                Stage.AUTH, self._authenticate(smtp, self.credentials), command_timeout
+            )
+            self.authenticated = True
+        self._enter(Stage.QUIT)
+        with contextlib.suppress(SMTPException, OSError):  # QUIT is sent: its reply is moot
+            await self._bounded(Stage.QUIT, smtp.quit(), command_timeout)
+        self._enter(Stage.DONE)
+
+    async def _open_socket(self, addresses: list[Any], connect_deadline: float) -> socket.socket:
+        last_error: OSError = OSError("no address to connect to")
+        for family, kind, proto, _name, sockaddr in addresses:
+            self.address = str(sockaddr[0])
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                async with asyncio.timeout_at(connect_deadline):
+                    await self._loop.sock_connect(sock, sockaddr)
+            except OSError as exc:  # TimeoutError included: the next address gets what is left
+                sock.close()
+                last_error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise last_error
+
+    async def _greet(self, smtp: SMTP, connect_deadline: float) -> SMTPResponse:
+        # aiosmtplib runs the implicit TLS handshake and reads the greeting in one call;
+        # whether it hung in the handshake or in the greeting is told apart by whether
+        # the transport was handed over (smtp.protocol is set once the handshake is done).
+        self._enter(Stage.TLS if self.implicit_tls else Stage.BANNER)
+        greeting = asyncio.ensure_future(smtp.connect())
+        try:
+            done, _ = await asyncio.wait({greeting}, timeout=connect_deadline - self._loop.time())
+        finally:
+            if not greeting.done():
+                if self.implicit_tls and smtp.protocol is not None:
+                    self._enter(Stage.BANNER)
+                greeting.cancel()
+                await asyncio.gather(greeting, return_exceptions=True)
+        if not done:
+            raise TimeoutError
+        return greeting.result()
+
+    def _record_tls(self, smtp: SMTP) -> None:
+        ssl_object = smtp.get_transport_info("ssl_object")
+        if isinstance(ssl_object, ssl.SSLObject):
+            self.tls_version = ssl_object.version()
+            cipher = ssl_object.cipher()
+            self.cipher = cipher[0] if cipher else None
+        self.cert = peer_certificate(smtp)
+        self.verified = True  # the handshake completed with a verifying context
+
+    def _record_server(self, smtp: SMTP) -> None:
+        size = smtp.esmtp_extensions.get("size", "")
+        self.server = ServerInfo(
+            banner=self.banner,
+            extensions=[name.upper() for name in smtp.esmtp_extensions],
+            auth_mechanisms=[name.upper() for name in smtp.server_auth_methods],
+            size_limit=int(size) if size.isdigit() else None,
+        )
+
+    @staticmethod
+    async def _authenticate(smtp: SMTP, credentials: Credentials) -> None:
+        offered = smtp.server_auth_methods
+        if credentials.oauth2_token is not None:
+            if "xoauth2" not in offered:
+                raise _auth_unavailable(offered, "XOAUTH2")
+            await smtp.auth_xoauth2(credentials.username, credentials.oauth2_token)
+            return
+        password = credentials.password or ""
+        for mechanism in PASSWORD_MECHANISMS:
+            if mechanism in offered:
+                method = smtp.auth_plain if mechanism == "plain" else smtp.auth_login
+                await method(credentials.username, password)
+                return
+        raise _auth_unavailable(offered, "PLAIN or LOGIN")
+
+    def tls_info(self, *, fallback: bool, cert: CertInfo | None) -> TlsInfo:
+        return TlsInfo(
+            version=self.tls_version,
+            cipher=self.cipher,
+            trust=self.trust,
+            fallback=fallback,
+            verified=self.verified,
+            cert=cert,
+        )
+
+
+def _auth_unavailable(offered: list[str], wanted: str) -> SessionFailure:
+    if not offered:
+        detail = "server does not offer AUTH"
+    else:
+        detail = f"server offers no usable AUTH mechanism (offered: {' '.join(offered).upper()})"
+    return SessionFailure(ErrorCategory.AUTH_UNAVAILABLE, f"{detail}; {wanted} needed")
+
+
+def _explain(
+    failure: Failure, *, cert: CertInfo | None, fallback: bool, request: SessionRequest
+) -> tuple[str, str | None]:
+    """The final err_message and hint, once all the evidence is in."""
+    message, hint = failure.message, None
+    security, port = request.effective_security, request.effective_port
+    if failure.category is ErrorCategory.TLS_EXPIRED and cert is not None:
+        message = (
+            f"certificate has expired (notAfter {cert.not_after[:10]})"
+            if failure.verify_code == CERT_HAS_EXPIRED
+            else f"certificate is not yet valid (notBefore {cert.not_before[:10]})"
+        )
+    elif failure.category is ErrorCategory.TLS_HOSTNAME:
+        names = ", ".join(cert.sans) if cert is not None and cert.sans else "none"
+        message = f"certificate is not valid for {request.connect_host} (it names: {names})"
+    elif failure.category is ErrorCategory.TLS_UNTRUSTED:
+        if fallback:
+            message += " (native and portable trust)"
+        hint = (
+            "add the issuing CA with ca_file"
+            if request.trust != "native"
+            else "try trust=auto, or trust=portable with the issuing CA in ca_file"
+        )
+    elif (
+        failure.category is ErrorCategory.TIMEOUT
+        and failure.stage is Stage.BANNER
+        and port == IMPLICIT_TLS_PORT
+        and security != "tls"
+    ):
+        hint = "port 465 usually expects implicit TLS: try security=tls"
+    elif (
+        failure.category is ErrorCategory.TLS_HANDSHAKE
+        and security == "tls"
+        and port != IMPLICIT_TLS_PORT
+    ):
+        hint = f"port {port} usually expects STARTTLS: try security=starttls"
+    elif failure.category is ErrorCategory.STARTTLS_UNAVAILABLE:
+        hint = "if the server has an implicit TLS port (usually 465), try security=tls there"
+    return message, hint
+
+
+async def run_attempt(
+    request: SessionRequest,
+    credentials: Credentials | None,
+    *,
+    attempt: int,
+    started_at: str,
+    clock_start: float | None = None,
+) -> Outcome:
+    """One attempt: a connection, plus the portable retry when native trust refused the chain.
+
+    The fallback is a second connection with its own deadline; it is not an attempt.
+    `clock_start` (loop time) makes `timings.total` cover earlier attempts too.
+    """
+    loop = asyncio.get_running_loop()
+    begun = loop.time() if clock_start is None else clock_start
+    ehlo_name = request.ehlo_name or await local_hostname()
+    security = request.effective_security
+    modes: list[TrustMode | None]
+    if security == "plain":
+        modes = [None]
+    elif request.trust == "auto":
+        modes = ["native", "portable"]
+    else:
+        modes = [request.trust]
+    fallback = False
+    for index, mode in enumerate(modes):
+        connection = _Connection(request, credentials, mode, ehlo_name)
+        failure = await connection.run()
+        last = index == len(modes) - 1
+        if failure is None or failure.category is not ErrorCategory.TLS_UNTRUSTED or last:
+            break
+        fallback = True
+    cert = connection.cert
+    if failure is not None and failure.is_certificate_failure and connection.address:
+        cert = await fetch_unverified_certificate(
+            address=connection.address,
+            port=request.effective_port,
+            server_hostname=request.connect_host,
+            implicit_tls=connection.implicit_tls,
+            local_hostname=ehlo_name,
+            seconds=connection.remaining(),
+        )
+    message, hint = ("", None)
+    if failure is not None:
+        message, hint = _explain(failure, cert=cert, fallback=fallback, request=request)
+    return Outcome(
+        ok=failure is None,
+        err_message=message,
+        error=failure.category if failure else None,
+        stage=failure.stage if failure else Stage.DONE,
+        retryable=failure.category.retryable if failure else False,
+        hint=hint,
+        smtp_code=failure.smtp_code if failure else None,
+        smtp_enhanced=failure.smtp_enhanced if failure else None,
+        host=request.host,
+        port=request.effective_port,
+        address=connection.address,
+        security=security,
+        target=request.target,
+        tls=None if security == "plain" else connection.tls_info(fallback=fallback, cert=cert),
+        server=connection.server,
+        authenticated=connection.authenticated,
+        timings=Timings(**connection.timings, total=round(loop.time() - begun, 6)),
+        attempts=attempt,
+        started_at=started_at,
+    )
+
+
+def prepare(
+    fields: SessionRequest | Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> tuple[SessionRequest, Credentials | None]:
+    """Validate a request and resolve its credentials reference; raises InvalidRequest."""
+    request = fields if isinstance(fields, SessionRequest) else parse_request(fields)
+    credentials = resolve_credentials(request.credentials, environ) if request.credentials else None
+    return request, credentials
+
+
+def rejected(error: InvalidRequest, fields: object, *, started_at: str | None = None) -> Outcome:
+    """The Outcome of a request refused before any I/O."""
+    raw = fields.model_dump() if isinstance(fields, SessionRequest) else fields
+    host = raw.get("host") if isinstance(raw, Mapping) else None
+    port = raw.get("port") if isinstance(raw, Mapping) else None
+    target = raw.get("target") if isinstance(raw, Mapping) else None
+    return Outcome(
+        ok=False,
+        err_message=str(error),
+        error=ErrorCategory.INVALID_REQUEST,
+        stage=Stage.VALIDATE,
+        host=quote_reply(host)[:MAX_ECHOED_HOST] if isinstance(host, str) else "",
+        port=port if isinstance(port, int) and not isinstance(port, bool) else None,
+        target=target if isinstance(target, str) and error.field != "target" else None,
+        started_at=started_at or utc_now(),
+    )
+
+
+def log_attempt(outcome: Outcome, *, final: bool) -> None:
+    """`session.attempt` for every attempt, `session.result` for the final outcome."""
+    tls = outcome.tls
+    log.info(
+        "session.result" if final else "session.attempt",
+        ok=outcome.ok,
+        err_message=outcome.err_message,
+        error=outcome.error.value if outcome.error else None,
+        stage=outcome.stage.value,
+        host=outcome.host,
+        port=outcome.port,
+        target=outcome.target,
+        attempt=outcome.attempts,
+        trust=tls.trust if tls else None,
+        fallback=tls.fallback if tls else False,
+        duration_s=outcome.timings.total,
+    )
+
+
+async def open_session(
+    request: SessionRequest | Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    retry_policy: RetryPolicy = RetryPolicy(),
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> Outcome:
+    """Open one SMTP session as the request asks, retrying retryable failures.
+
+    Never raises for a failed session or bad input: the Outcome says what happened.
+    """
+    started_at = utc_now()
+    clock_start = asyncio.get_running_loop().time()
+    try:
+        session_request, credentials = prepare(request, environ)
+    except InvalidRequest as exc:
+        outcome = rejected(exc, request, started_at=started_at)
+        log_attempt(outcome, final=True)
+        return outcome
+    attempt = 1
+    while True:
+        outcome = await run_attempt(
+            session_request,
+            credentials,
+            attempt=attempt,
+            started_at=started_at,
+            clock_start=clock_start,
+        )
+        log_attempt(outcome, final=False)
+        if outcome.ok or not outcome.retryable or attempt > session_request.retries:
+            break
+        await sleep(retry_policy.delay(attempt))
+        attempt += 1
+    log_attempt(outcome, final=True)
+    return outcome

@@ -1,0 +1,141 @@
+"""Trust modes: the TLS contexts that verify a server, and reading its certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+import ssl
+from typing import Literal
+
+import certifi
+import truststore
+from aiosmtplib import SMTP, SMTPException
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+
+from tasks.outcome import CertInfo
+
+TrustMode = Literal["native", "portable"]
+MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+_TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = MINIMUM_TLS_VERSION
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    return context
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_context(mode: TrustMode, ca_file: str | None, _ca_mtime: float) -> ssl.SSLContext:
+    if mode == "native":
+        return _harden(truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return _harden(context)
+
+
+def verifying_context(mode: TrustMode, ca_file: str | None = None) -> ssl.SSLContext:
+    """A context that verifies the chain and the host name, TLS 1.2 or newer.
+
+    `native` asks the operating system's verifier (truststore); `portable` uses
+    certifi's bundle plus `ca_file`. Contexts are cached: building one reads a
+    whole CA bundle. A changed `ca_file` (new mtime) builds a new one.
+    """
+    path = ca_file if mode == "portable" else None
+    mtime = os.stat(path).st_mtime if path is not None else 0.0
+    return _cached_context(mode, path, mtime)
+
+
+def _names(certificate: x509.Certificate) -> list[str]:
+    try:
+        extension = certificate.extensions.get_extension_for_oid(
+            ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+        )
+    except x509.ExtensionNotFound:
+        return []
+    sans = extension.value
+    assert isinstance(sans, x509.SubjectAlternativeName)
+    return [*sans.get_values_for_type(x509.DNSName)] + [
+        str(address) for address in sans.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def describe_certificate(der: bytes) -> CertInfo | None:
+    """The fields an operator needs to tell which certificate a server presented."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    return CertInfo(
+        subject=certificate.subject.rfc4514_string(),
+        issuer=certificate.issuer.rfc4514_string(),
+        not_before=certificate.not_valid_before_utc.strftime(_TIMESTAMP),
+        not_after=certificate.not_valid_after_utc.strftime(_TIMESTAMP),
+        sans=_names(certificate),
+        sha256=hashlib.sha256(der).hexdigest(),
+    )
+
+
+def peer_certificate(smtp: SMTP) -> CertInfo | None:
+    """The certificate of a live TLS connection (binary form: complete even if unverified)."""
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return describe_certificate(der) if der else None
+
+
+def _report_only_context() -> ssl.SSLContext:
+    # REPORT-ONLY: this context never carries a session. It completes one handshake
+    # after a verification failure so that the outcome can say *which* certificate was
+    # refused; the connection sends no credentials and no mail command, and is closed
+    # as soon as the certificate is read.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def fetch_unverified_certificate(
+    *,
+    address: str,
+    port: int,
+    server_hostname: str,
+    implicit_tls: bool,
+    local_hostname: str,
+    seconds: float,
+) -> CertInfo | None:
+    """Read a refused server certificate for the report only (see _report_only_context).
+
+    Bounded by `seconds`, the rest of the attempt's deadline; any failure gives None.
+    """
+    if seconds <= 0:
+        return None
+    smtp = SMTP(
+        hostname=server_hostname if implicit_tls else address,
+        port=port,
+        local_hostname=local_hostname,
+        use_tls=implicit_tls,
+        start_tls=False,
+        tls_context=_report_only_context(),
+        timeout=None,
+    )
+    try:
+        async with asyncio.timeout(seconds):
+            await smtp.connect()
+            if not implicit_tls:
+                await smtp.ehlo()
+                await smtp.starttls(
+                    server_hostname=server_hostname, tls_context=_report_only_context()
+                )
+            return peer_certificate(smtp)
+    except (SMTPException, OSError, TimeoutError, ValueError):
+        # The report is best effort: whatever stops it, the outcome already has its error.
+        return None
+    finally:
+        smtp.close()

@@ -1,0 +1,102 @@
+"""Request validation: every bad field is named, before any I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tasks.errors import InvalidRequest
+from tasks.request import parse_request
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "problem"),
+    [
+        ({"host": ""}, "host", "must not be empty"),
+        ({"host": "smtp example.com"}, "host", "must not contain spaces"),
+        ({"host": "smtp\x00.example.com"}, "host", "control characters"),
+        ({"host": "a" * 254}, "host", "longer than 253"),
+        ({"host": "-bad-.example.com"}, "host", "not a valid host name"),
+        ({"host": "x", "port": 0}, "port", "greater than or equal to 1"),
+        ({"host": "x", "port": 70000}, "port", "less than or equal to 65535"),
+        ({"host": "x", "port": "25"}, "port", "valid integer"),
+        ({"host": "x", "timeout": -1}, "timeout", "greater than 0"),
+        ({"host": "x", "timeout": float("nan")}, "timeout", "finite"),
+        ({"host": "x", "retries": -1}, "retries", "greater than or equal to 0"),
+        ({"host": "x", "security": "ssl"}, "security", "'auto', 'starttls', 'tls' or 'plain'"),
+        ({"host": "x", "trust": "none"}, "trust", "'auto', 'native' or 'portable'"),
+        ({"host": "x", "ca_file": "/nonexistent/ca.pem"}, "ca_file", "not a readable file"),
+        ({"host": "x", "credentials": "a/b"}, "credentials", "letters, digits"),
+        ({"host": "x", "ehlo_name": "a b"}, "ehlo_name", "printable ASCII"),
+        ({"host": "x", "password": "hunter2"}, "password", "unknown field"),
+        ({"port": 25}, "host", "is required"),
+        ({"host": "x", "security": "plain", "credentials": "c"}, "credentials", "need TLS"),
+    ],
+)
+def test_invalid_fields_are_named(fields: dict[str, Any], field: str, problem: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(fields)
+    assert caught.value.field == field
+    assert problem in caught.value.problem
+    assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_a_non_mapping_is_rejected() -> None:
+    with pytest.raises(InvalidRequest, match="request: must be a mapping"):
+        parse_request(["host", "x"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "port", "security"),
+    [
+        ({"host": "x"}, 587, "starttls"),
+        ({"host": "x", "port": 465}, 465, "tls"),
+        ({"host": "x", "port": 25}, 25, "starttls"),
+        ({"host": "x", "security": "tls"}, 465, "tls"),
+        ({"host": "x", "security": "plain"}, 587, "plain"),
+        ({"host": "x", "port": 465, "security": "starttls"}, 465, "starttls"),
+    ],
+)
+def test_auto_security_and_default_port(fields: dict[str, Any], port: int, security: str) -> None:
+    request = parse_request(fields)
+    assert request.effective_port == port
+    assert request.effective_security == security
+
+
+def test_stage_timeouts_default_to_five_seconds_capped_by_the_deadline() -> None:
+    assert parse_request({"host": "x"}).effective_connect_timeout == 5.0
+    short = parse_request({"host": "x", "timeout": 2.0})
+    assert short.effective_connect_timeout == 2.0
+    assert short.effective_command_timeout == 2.0
+    explicit = parse_request({"host": "x", "connect_timeout": 1.5, "command_timeout": 0.5})
+    assert (explicit.effective_connect_timeout, explicit.effective_command_timeout) == (1.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("host", "wire"),
+    [
+        ("Bücher.Example", "xn--bcher-kva.example"),
+        ("[::1]", "::1"),
+        ("::1", "::1"),
+        ("192.0.2.1", "192.0.2.1"),
+        ("smtp.example.com.", "smtp.example.com"),
+    ],
+)
+def test_hosts_go_on_the_wire_in_ascii(host: str, wire: str) -> None:
+    assert parse_request({"host": host}).connect_host == wire
+
+
+@given(st.text(max_size=300))
+def test_any_host_string_validates_or_is_named(host: str) -> None:
+    try:
+        request = parse_request({"host": host})
+    except InvalidRequest as exc:
+        error: InvalidRequest | None = exc
+    else:
+        error = None
+        assert request.connect_host
+        assert " " not in request.connect_host
+    assert error is None or error.field == "host"

@@ -1,0 +1,72 @@
+"""Credentials resolve from the environment or the secrets directory, and never print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.errors import InvalidRequest
+from tasks.secrets import Credentials, env_variable, resolve_credentials
+
+SECRET = "s3cr3t-Pa55"
+
+
+def test_env_variable_name() -> None:
+    assert env_variable("tenant-42") == "SMTP_SESSION_SECRET_TENANT_42"
+    assert env_variable("a.b_c") == "SMTP_SESSION_SECRET_A_B_C"
+
+
+def test_user_password_from_environment() -> None:
+    found = resolve_credentials("tenant-42", {"SMTP_SESSION_SECRET_TENANT_42": f"me:{SECRET}"})
+    assert found == Credentials("me", password=SECRET)
+
+
+def test_password_may_contain_colons() -> None:
+    found = resolve_credentials("a", {"SMTP_SESSION_SECRET_A": "me:pa:ss"})
+    assert found.password == "pa:ss"
+
+
+def test_json_oauth2_token() -> None:
+    raw = '{"username": "me@example.com", "oauth2_token": "ya29.token"}'
+    found = resolve_credentials("g", {"SMTP_SESSION_SECRET_G": raw})
+    assert found == Credentials("me@example.com", oauth2_token="ya29.token")
+
+
+def test_secrets_directory(tmp_path: Path) -> None:
+    (tmp_path / "tenant42").write_text(f'{{"username": "u", "password": "{SECRET}"}}\n')
+    found = resolve_credentials("tenant42", {"SMTP_SESSION_SECRETS_DIR": str(tmp_path)})
+    assert found == Credentials("u", password=SECRET)
+
+
+def test_environment_wins_over_directory(tmp_path: Path) -> None:
+    (tmp_path / "x").write_text("file:pw")
+    env = {"SMTP_SESSION_SECRETS_DIR": str(tmp_path), "SMTP_SESSION_SECRET_X": "env:pw"}
+    assert resolve_credentials("x", env).username == "env"
+
+
+def test_missing_secret_names_both_places() -> None:
+    with pytest.raises(InvalidRequest, match="SMTP_SESSION_SECRET_NOPE") as caught:
+        resolve_credentials("nope", {})
+    assert caught.value.field == "credentials"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f"no-colon-{SECRET}",
+        f"{{not json {SECRET}",
+        f'{{"username": "u", "password": "{SECRET}", "oauth2_token": "t"}}',
+        f'{{"password": "{SECRET}"}}',
+        f'["{SECRET}"]',
+    ],
+)
+def test_malformed_secret_is_invalid_without_echoing_it(raw: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        resolve_credentials("bad", {"SMTP_SESSION_SECRET_BAD": raw})
+    assert SECRET not in str(caught.value)
+
+
+def test_repr_hides_the_secret() -> None:
+    shown = repr(Credentials("me", password=SECRET)) + str(Credentials("me", oauth2_token=SECRET))
+    assert SECRET not in shown

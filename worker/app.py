@@ -1,0 +1,84 @@
+"""The Celery app, built from settings: `celery -A worker.app worker` finds `app` here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from tasks.request import MAX_TIMEOUT
+from tasks.session import MAX_BACKOFF
+from worker.settings import Settings, load_settings
+
+TIME_LIMIT_MARGIN = 30.0
+RESULT_EXPIRES = 24 * 3600
+
+
+def time_limits(timeout: float) -> tuple[float, float]:
+    """(soft, hard) seconds for one task run: one attempt of `timeout` seconds.
+
+    One attempt may open two connections (the trust fallback has its own deadline)
+    plus the report-only certificate fetch inside the second one's deadline.
+    The core enforces those deadlines itself; the limits only stop a bug.
+    """
+    soft = 2 * timeout + TIME_LIMIT_MARGIN
+    return soft, soft + TIME_LIMIT_MARGIN
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.embedded_broker:
+        queue = settings.data_dir / "broker" / "queue"
+        control = settings.data_dir / "broker" / "control"
+        for folder in (queue, control):
+            folder.mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "control_folder": str(control),
+        }
+    _, hard = time_limits(MAX_TIMEOUT)
+    # Redis re-delivers a message nobody acknowledged within visibility_timeout. With late
+    # acks a message stays unacknowledged while it runs, and a retry waits in the worker
+    # as an ETA message for up to MAX_BACKOFF: the timeout must outlast both, or Redis
+    # would hand a running task to a second worker.
+    return {"visibility_timeout": int(hard + MAX_BACKOFF + TIME_LIMIT_MARGIN)}
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured for at-least-once delivery of session checks."""
+    settings = settings or load_settings()
+    if not settings.result_backend:
+        (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
+    celery = Celery("smtp_session", include=["tasks.celery_tasks"])
+    soft, hard = time_limits(MAX_TIMEOUT)
+    celery.conf.update(
+        broker_url=settings.effective_broker_url,
+        result_backend=settings.effective_result_backend,
+        broker_transport_options=_transport_options(settings),
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Acknowledge after the task ran, and requeue when a pool process dies mid-task
+        # (SIGKILL, OOM): a lost worker process never loses the check it was running.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message per pool process: a crash strands nothing beyond what was running.
+        worker_prefetch_multiplier=1,
+        # Backstops for bugs only, sized so that no valid request (timeout up to
+        # MAX_TIMEOUT) is cut; `enqueue` and the client send tighter per-message limits.
+        task_soft_time_limit=soft,
+        task_time_limit=hard,
+        # A broker that is down at start or goes away later is waited for, forever.
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_expires=RESULT_EXPIRES,
+        task_track_started=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_pool="prefork",
+    )
+    celery.conf.smtp_session_settings = settings
+    return celery
+
+
+app = create_app()

@@ -1,0 +1,213 @@
+"""`smtp-session`: check a server now, enqueue a check, run the worker, sweep targets.
+
+Streams: a command's result goes to stdout (one JSON document with --json); logs,
+progress and warnings go to stderr. Exit codes: 0 ok, 1 session failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from monitoring.logging import configure_logging
+from tasks.errors import ErrorCategory, InvalidRequest
+from tasks.outcome import Outcome
+from tasks.request import parse_request
+from tasks.session import MAX_BACKOFF, open_session, rejected
+from worker.settings import InvalidSettings, Settings, load_settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def split_host_port(value: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 literal."""
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise click.BadParameter(f"{value!r} is not HOST[:PORT]", param_hint="HOST[:PORT]")
+        port_text = rest[1:] or None
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    else:
+        host, port_text = value, None  # a name, or an IPv6 literal without a port
+        if ":" in value:
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                raise click.BadParameter(
+                    f"{value!r} is not HOST[:PORT]", param_hint="HOST[:PORT]"
+                ) from None
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit():
+        raise click.BadParameter(f"port {port_text!r} is not a number", param_hint="HOST[:PORT]")
+    return host, int(port_text)
+
+
+def request_options(command: _F) -> _F:
+    """The options that mirror the session request fields."""
+    options = [
+        click.argument("address", metavar="HOST[:PORT]"),
+        click.option("--security", type=click.Choice(["auto", "starttls", "tls", "plain"])),
+        click.option("--trust", type=click.Choice(["auto", "native", "portable"])),
+        click.option("--ca-file", type=click.Path(dir_okay=False), help="Extra CA bundle (PEM)."),
+        click.option("--timeout", type=float, help="Deadline for one attempt, seconds."),
+        click.option("--connect-timeout", type=float, help="TCP + TLS + greeting, seconds."),
+        click.option("--command-timeout", type=float, help="Each later reply, seconds."),
+        click.option("--retries", type=int, help="Extra attempts for retryable errors."),
+        click.option("--credentials", help="Name of a secret (never the secret itself)."),
+        click.option("--ehlo-name", help="Name to send in EHLO."),
+        click.option("--target", help="Target name for metrics and logs."),
+        click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
+        click.option("-v", "--verbose", is_flag=True, help="Log every attempt to stderr."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def request_fields(address: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Task kwargs from the command line: only the options that were given."""
+    host, port = split_host_port(address)
+    fields: dict[str, Any] = {"host": host}
+    if port is not None:
+        fields["port"] = port
+    for name, value in options.items():
+        if value is not None and name not in ("as_json", "verbose"):
+            fields[name] = value
+    return fields
+
+
+def exit_code(outcome: Outcome) -> int:
+    if outcome.ok:
+        return EXIT_OK
+    return EXIT_INVALID if outcome.error is ErrorCategory.INVALID_REQUEST else EXIT_FAILED
+
+
+def summary(outcome: Outcome) -> str:
+    """One line for an ok session, a few for a failure."""
+    where = f"{outcome.host}:{outcome.port}" if outcome.port else outcome.host
+    tls = outcome.tls
+    if outcome.ok:
+        parts = [outcome.security or "", f"{outcome.timings.total or 0:.3f} s"]
+        if tls is not None and tls.verified:
+            fallback = ", after native trust failed" if tls.fallback else ""
+            parts.insert(1, f"{tls.version} verified ({tls.trust} trust{fallback})")
+        if outcome.authenticated:
+            parts.insert(-1, "authenticated")
+        return f"OK {where}: " + ", ".join(part for part in parts if part)
+    error = outcome.error.value if outcome.error else "failed"
+    attempts = f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
+    lines = [f"FAILED {where}: {error} at {outcome.stage.value}{attempts}"]
+    lines.append(f"  {outcome.err_message}")
+    if tls is not None and tls.cert is not None:
+        cert = tls.cert
+        lines.append(
+            f"  certificate: {cert.subject}, issued by {cert.issuer}, "
+            f"valid until {cert.not_after}, names: {', '.join(cert.sans) or 'none'}"
+        )
+    if outcome.hint:
+        lines.append(f"  hint: {outcome.hint}")
+    return "\n".join(lines)
+
+
+def emit(outcome: Outcome, *, as_json: bool) -> NoReturn:
+    """Print an outcome to stdout and exit with its code."""
+    if as_json:
+        click.echo(json.dumps(outcome.to_dict()))
+    else:
+        click.echo(summary(outcome))
+    sys.exit(exit_code(outcome))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Open outbound SMTP sessions and report why they fail."""
+
+
+@main.command()
+@request_options
+def check(address: str, as_json: bool, verbose: bool, **options: Any) -> None:
+    """Open one session now, in this process (no broker); exit 0 when ok, 1 when not."""
+    settings = _settings_or_exit()
+    configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
+    fields = {**settings.request_defaults(), **request_fields(address, options)}
+    emit(asyncio.run(open_session(fields)), as_json=as_json)
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except InvalidSettings as exc:
+        click.echo(f"smtp-session: invalid setting {exc}", err=True)
+        sys.exit(EXIT_INVALID)
+
+
+@main.command()
+@request_options
+@click.option("--wait", is_flag=True, help="Wait for the outcome and print it like `check`.")
+@click.option("--wait-timeout", type=float, help="Seconds to wait with --wait.")
+def enqueue(
+    address: str,
+    as_json: bool,
+    verbose: bool,
+    wait: bool,
+    wait_timeout: float | None,
+    **options: Any,
+) -> None:
+    """Send `smtp_session.open` through the broker; print the task id, or the outcome."""
+    settings = _settings_or_exit()
+    configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
+    fields = request_fields(address, options)
+    try:
+        # Validated here too, so bad input never reaches the queue; the worker checks again.
+        request = parse_request({**settings.request_defaults(), **fields})
+    except InvalidRequest as exc:
+        emit(rejected(exc, fields), as_json=as_json)
+    # Celery is imported only by the commands that talk to a broker: `check` starts fast.
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+    from tasks.celery_tasks import OPEN_TASK
+    from worker.app import app, time_limits
+
+    soft, hard = time_limits(request.timeout)
+    result = app.send_task(OPEN_TASK, kwargs=fields, soft_time_limit=soft, time_limit=hard)
+    if not wait:
+        click.echo(result.id)
+        return
+    budget = wait_timeout or (request.retries + 1) * (hard + MAX_BACKOFF)
+    try:
+        data = result.get(timeout=budget, propagate=True)
+    except CeleryTimeoutError:
+        click.echo(f"smtp-session: no outcome for task {result.id} after {budget:.0f} s", err=True)
+        sys.exit(EXIT_FAILED)
+    emit(Outcome.from_dict(data), as_json=as_json)
+
+
+@main.command()
+@click.option("--beat", is_flag=True, help="Embed the beat scheduler (one per deployment).")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Pool processes.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
+    """Run the Celery worker (prefork) with the metrics exporter."""
+    settings = _settings_or_exit()
+    from worker.app import app
+
+    argv = ["worker", f"--loglevel={loglevel}", "--pool=prefork"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    if beat:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", f"--schedule={settings.data_dir / 'beat-schedule'}"]
+    app.worker_main(argv)

@@ -1,0 +1,83 @@
+"""Service settings from the environment (prefix SMTP_SESSION_), validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.errors import SessionWorkerError
+from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, MAX_RETRIES, MAX_TIMEOUT, Trust
+
+ENV_PREFIX = "SMTP_SESSION_"
+DEFAULT_METRICS_PORT = 9808
+DEFAULT_SWEEP_CONCURRENCY = 100
+
+
+class InvalidSettings(SessionWorkerError, ValueError):
+    """An environment variable holds an unusable value."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class Settings(BaseSettings):
+    """See DESIGN.md "Settings"; every field is `SMTP_SESSION_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    broker_url: str | None = None
+    result_backend: str | None = None
+    data_dir: Path = Path(".smtp-session")
+    targets: Path | None = None
+    metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
+    log_format: Literal["json", "console"] = "json"
+    trust: Trust = "auto"
+    ca_file: Path | None = None
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)
+    retries: int = Field(default=DEFAULT_RETRIES, ge=0, le=MAX_RETRIES)
+    sweep_concurrency: int = Field(default=DEFAULT_SWEEP_CONCURRENCY, ge=1, le=10_000)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def effective_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "redis+")):
+            return self.broker_url  # Redis is both broker and result store
+        return f"file://{(self.data_dir / 'results').resolve()}"
+
+    def request_defaults(self) -> dict[str, Any]:
+        """Defaults applied under every request's own fields."""
+        defaults: dict[str, Any] = {
+            "trust": self.trust,
+            "timeout": self.timeout,
+            "retries": self.retries,
+        }
+        if self.ca_file is not None:
+            defaults["ca_file"] = str(self.ca_file)
+        return defaults
+
+
+def load_settings() -> Settings:
+    """Read the environment once; raises InvalidSettings naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        problem = str(error["msg"]).removeprefix("Value error, ")
+        raise InvalidSettings(
+            ENV_PREFIX + field.upper(), problem[:1].lower() + problem[1:]
+        ) from None
