@@ -1,0 +1,398 @@
+"""open_session against real servers on loopback: every outcome DESIGN.md promises."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import trustme
+
+from tasks.outcome import Outcome
+from tasks.session import RetryPolicy, open_session
+from tests.servers import (
+    AUTH_FAILED_REPLY,
+    LOOPBACK,
+    WRONG_HOST,
+    RawServerFactory,
+    SmtpServerFactory,
+)
+
+USER, PASSWORD, TOKEN = "alice", "correct horse battery", "ya29.bearer-token"
+SECRETS = {
+    "SMTP_SESSION_SECRET_GOOD": f"{USER}:{PASSWORD}",
+    "SMTP_SESSION_SECRET_WRONG": f"{USER}:not the password",
+    "SMTP_SESSION_SECRET_OAUTH": f'{{"username": "{USER}", "oauth2_token": "{TOKEN}"}}',
+}
+FAST_RETRY = RetryPolicy(base=0.01, cap=0.02)
+
+
+class RecordingSleep:
+    """Stands in for asyncio.sleep between attempts: records each backoff, waits for none."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+async def session(port: int, **fields: Any) -> Outcome:
+    return await open_session(
+        {"host": LOOPBACK, "port": port, **fields}, environ=SECRETS, retry_policy=FAST_RETRY
+    )
+
+
+# ----------------------------------------------------------------------------- success
+
+
+async def test_plain_session(smtp_server_factory: SmtpServerFactory) -> None:
+    server = await smtp_server_factory(mode="plain")
+    outcome = await session(server.port, security="plain", ehlo_name="probe.example")
+    assert outcome.ok, outcome.err_message
+    assert (outcome.err_message, outcome.error, outcome.stage) == ("", None, "done")
+    assert outcome.tls is None
+    assert outcome.address == LOOPBACK
+    assert outcome.server is not None
+    assert outcome.server.banner is not None
+    assert outcome.server.banner.startswith("220 ")
+    assert "SIZE" in outcome.server.extensions
+    assert server.verbs == ["EHLO", "QUIT"]
+    assert server.commands[0].arg == "probe.example"
+
+
+async def test_starttls_with_portable_trust(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls")
+    outcome = await session(server.port, trust="portable", ca_file=ca_pem_path)
+    assert outcome.ok, outcome.err_message
+    assert outcome.security == "starttls"
+    tls = outcome.tls
+    assert tls is not None
+    assert (tls.trust, tls.fallback, tls.verified) == ("portable", False, True)
+    assert tls.version in ("TLSv1.2", "TLSv1.3")
+    assert tls.cert is not None
+    assert "CN=localhost" in tls.cert.subject
+    assert server.verbs == ["EHLO", "STARTTLS", "EHLO", "QUIT"]
+    assert outcome.timings.starttls is not None
+    assert outcome.timings.total is not None
+
+
+async def test_ca_known_only_to_portable_bundle_falls_back(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls")
+    outcome = await session(server.port, ca_file=ca_pem_path)
+    assert outcome.ok, outcome.err_message
+    assert outcome.tls is not None
+    assert (outcome.tls.trust, outcome.tls.fallback) == ("portable", True)
+    assert outcome.attempts == 1  # the fallback is a second connection, not an attempt
+    assert server.connections_accepted == 2
+
+
+async def test_native_trust_verifies_with_the_system_store(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The OpenSSL-backed native verifier on Linux reads the system store from
+    # SSL_CERT_FILE: pointing it at the test CA makes the CA "installed".
+    monkeypatch.setenv("SSL_CERT_FILE", ca_pem_path)
+    server = await smtp_server_factory(mode="starttls")
+    outcome = await session(server.port)
+    assert outcome.ok, outcome.err_message
+    assert outcome.tls is not None
+    assert (outcome.tls.trust, outcome.tls.fallback) == ("native", False)
+    assert server.connections_accepted == 1
+
+
+async def test_implicit_tls(smtp_server_factory: SmtpServerFactory, ca_pem_path: str) -> None:
+    server = await smtp_server_factory(mode="tls")
+    outcome = await session(server.port, security="tls", ca_file=ca_pem_path)
+    assert outcome.ok, outcome.err_message
+    assert outcome.tls is not None
+    assert outcome.tls.verified
+    assert outcome.timings.tls is not None
+    assert outcome.timings.starttls is None
+    assert server.verbs == ["EHLO", "QUIT"]
+
+
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+async def test_auth_plain_success(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str, mode: str
+) -> None:
+    server = await smtp_server_factory(mode=mode, auth={USER: PASSWORD})  # type: ignore[arg-type]
+    security = "tls" if mode == "tls" else "starttls"
+    outcome = await session(server.port, security=security, ca_file=ca_pem_path, credentials="good")
+    assert outcome.ok, outcome.err_message
+    assert outcome.authenticated
+    assert outcome.server is not None
+    assert "PLAIN" in outcome.server.auth_mechanisms
+    assert [(a.mechanism, a.username, a.success) for a in server.auth_attempts] == [
+        ("PLAIN", USER, True)
+    ]
+
+
+async def test_auth_xoauth2_success(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", oauth_tokens={USER: TOKEN})
+    outcome = await session(server.port, ca_file=ca_pem_path, credentials="oauth")
+    assert outcome.ok, outcome.err_message
+    assert [(a.mechanism, a.success) for a in server.auth_attempts] == [("XOAUTH2", True)]
+
+
+# ----------------------------------------------------------------------------- TLS failures
+
+
+async def test_unknown_ca_fails_in_both_modes_and_shows_the_certificate(
+    smtp_server_factory: SmtpServerFactory, unknown_ca_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", cert=unknown_ca_cert, auth={USER: PASSWORD})
+    outcome = await session(server.port, ca_file=ca_pem_path, credentials="good", retries=2)
+    assert not outcome.ok
+    assert (outcome.error, outcome.stage, outcome.retryable) == (
+        "tls_untrusted",
+        "starttls",
+        False,
+    )
+    assert outcome.err_message.startswith("certificate verify failed: ")
+    assert outcome.err_message.endswith("(native and portable trust)")
+    assert outcome.hint == "add the issuing CA with ca_file"
+    assert outcome.attempts == 1
+    tls = outcome.tls
+    assert tls is not None
+    assert (tls.fallback, tls.verified, tls.trust) == (True, False, "portable")
+    assert tls.cert is not None
+    assert "CN=localhost" in tls.cert.subject
+    # Two verified tries and one report-only certificate fetch; none carried AUTH.
+    assert server.connections_accepted == 3
+    assert not server.received("AUTH")
+
+
+async def test_implicit_tls_unknown_ca_is_classified_through_the_wrapper(
+    smtp_server_factory: SmtpServerFactory, unknown_ca_cert: trustme.LeafCert
+) -> None:
+    server = await smtp_server_factory(mode="tls", cert=unknown_ca_cert)
+    outcome = await session(server.port, security="tls", trust="native")
+    assert (outcome.error, outcome.stage) == ("tls_untrusted", "tls")
+    assert outcome.tls is not None
+    assert not outcome.tls.fallback
+    assert outcome.tls.cert is not None
+    assert outcome.hint is not None
+    assert "trust=auto" in outcome.hint
+
+
+async def test_expired_certificate(
+    smtp_server_factory: SmtpServerFactory, expired_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", cert=expired_cert)
+    outcome = await session(server.port, ca_file=ca_pem_path, retries=2)
+    assert (outcome.error, outcome.attempts) == ("tls_expired", 1)
+    assert outcome.err_message == "certificate has expired (notAfter 2024-01-01)"
+    assert outcome.tls is not None
+    assert outcome.tls.cert is not None
+    assert outcome.tls.cert.not_after.startswith("2024-01-01")
+
+
+async def test_wrong_host_name(
+    smtp_server_factory: SmtpServerFactory, wrong_host_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", cert=wrong_host_cert)
+    outcome = await session(server.port, trust="portable", ca_file=ca_pem_path)
+    assert outcome.error == "tls_hostname"
+    assert outcome.err_message == (
+        f"certificate is not valid for {LOOPBACK} (it names: {WRONG_HOST})"
+    )
+
+
+async def test_implicit_tls_against_a_plaintext_port(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = await smtp_server_factory(mode="plain")
+    outcome = await session(server.port, security="tls", retries=2)
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("tls_handshake", "tls", 1)
+    assert outcome.hint == f"port {server.port} usually expects STARTTLS: try security=starttls"
+
+
+async def test_starttls_against_an_implicit_tls_port_times_out_at_the_greeting(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = await smtp_server_factory(mode="tls")
+    outcome = await session(server.port, security="starttls", timeout=0.5, retries=0)
+    assert (outcome.error, outcome.stage) == ("timeout", "banner")
+
+
+# ----------------------------------------------------------------------------- SMTP failures
+
+
+async def test_starttls_not_offered_never_continues_in_plaintext(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = await smtp_server_factory(mode="plain", auth={USER: PASSWORD})
+    outcome = await session(server.port, security="starttls", credentials="good", retries=2)
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("starttls_unavailable", "ehlo", 1)
+    assert "not continuing in plaintext" in outcome.err_message
+    assert server.verbs == ["EHLO"]  # no AUTH, no MAIL, not even QUIT in the clear
+
+
+async def test_auth_failure_is_not_retried(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", auth={USER: PASSWORD})
+    outcome = await session(server.port, ca_file=ca_pem_path, credentials="wrong", retries=2)
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("auth_failed", "auth", 1)
+    assert outcome.err_message == AUTH_FAILED_REPLY
+    assert (outcome.smtp_code, outcome.smtp_enhanced) == (535, "5.7.8")
+    assert len(server.auth_attempts) == 1  # one try: no account lockout by mechanism cycling
+
+
+async def test_auth_unavailable(smtp_server_factory: SmtpServerFactory, ca_pem_path: str) -> None:
+    server = await smtp_server_factory(mode="starttls")
+    outcome = await session(server.port, ca_file=ca_pem_path, credentials="good")
+    assert (outcome.error, outcome.stage) == ("auth_unavailable", "auth")
+    assert outcome.err_message.startswith("server does not offer AUTH")
+
+
+async def test_xoauth2_needs_xoauth2(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", auth={USER: PASSWORD})
+    outcome = await session(server.port, ca_file=ca_pem_path, credentials="oauth")
+    assert outcome.error == "auth_unavailable"
+    assert "offered: LOGIN PLAIN" in outcome.err_message or "offered: PLAIN LOGIN" in (
+        outcome.err_message
+    )
+
+
+async def test_421_banner_is_retried_then_fails(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("banner_421")
+    sleep = RecordingSleep()
+    outcome = await open_session(
+        {"host": LOOPBACK, "port": server.port, "retries": 2, "security": "plain"},
+        retry_policy=RetryPolicy(base=1.0, cap=30.0),
+        sleep=sleep,
+    )
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("smtp_transient", "banner", 3)
+    assert (outcome.smtp_code, outcome.smtp_enhanced, outcome.retryable) == (421, "4.3.2", True)
+    assert server.connections_accepted == 3
+    # Exponential backoff with jitter: 0.5-1 s after the first attempt, 1-2 s after the second.
+    assert len(sleep.delays) == 2
+    assert 0.5 <= sleep.delays[0] <= 1.0
+    assert 1.0 <= sleep.delays[1] <= 2.0
+
+
+async def test_554_banner_is_permanent(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("banner_554")
+    outcome = await session(server.port, security="plain", retries=2)
+    assert (outcome.error, outcome.attempts, outcome.smtp_code) == ("smtp_permanent", 1, 554)
+
+
+async def test_connection_refused_is_retried(refused_port: tuple[str, int]) -> None:
+    _, port = refused_port
+    outcome = await session(port, retries=2)
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("refused", "connect", 3)
+    assert outcome.err_message == f"connection refused by {LOOPBACK} port {port}"
+
+
+async def test_unresolvable_host() -> None:
+    outcome = await open_session({"host": "no-such-host.invalid", "retries": 0})
+    assert (outcome.error, outcome.stage) == ("dns", "resolve")
+    assert outcome.err_message.startswith("could not resolve no-such-host.invalid")
+
+
+# ----------------------------------------------------------------------------- hostile servers
+
+
+async def test_no_banner_costs_the_configured_timeout(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("silent")
+    started = time.monotonic()
+    outcome = await session(server.port, timeout=1.0, retries=0)
+    elapsed = time.monotonic() - started
+    assert (outcome.error, outcome.stage, outcome.retryable) == ("timeout", "banner", True)
+    assert outcome.err_message == "timed out after 1.0 s waiting for the server greeting"
+    assert 0.95 <= elapsed < 1.5
+
+
+async def test_silent_server_with_implicit_tls_times_out_in_the_handshake(
+    raw_server_factory: RawServerFactory,
+) -> None:
+    server = await raw_server_factory("silent")
+    outcome = await session(server.port, security="tls", connect_timeout=0.3, retries=0)
+    assert (outcome.error, outcome.stage) == ("timeout", "tls")
+    assert outcome.err_message == "timed out after 0.3 s for the TLS handshake"
+
+
+async def test_slow_drip_costs_at_most_the_timeout(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("slow_drip")
+    started = time.monotonic()
+    outcome = await session(server.port, timeout=1.0, retries=0)
+    assert (outcome.error, outcome.stage) == ("timeout", "banner")
+    assert time.monotonic() - started < 1.5
+
+
+async def test_silent_after_banner_is_a_command_timeout(
+    raw_server_factory: RawServerFactory,
+) -> None:
+    server = await raw_server_factory("silent_after_banner")
+    outcome = await session(server.port, security="plain", command_timeout=0.3, retries=0)
+    assert (outcome.error, outcome.stage) == ("timeout", "ehlo")
+    assert outcome.err_message == "timed out after 0.3 s waiting for the EHLO reply"
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error", "stage", "words"),
+    [
+        ("garbage", "protocol", "banner", "not an SMTP reply"),
+        ("http", "protocol", "banner", "HTTP/1.1 400"),
+        ("endless_line", "protocol", "banner", "too long"),
+        ("close_after_banner", "disconnected", "ehlo", "closed the connection during"),
+        ("reset_on_connect", "refused", "banner", "closed before the greeting"),
+    ],
+)
+async def test_hostile_servers(
+    raw_server_factory: RawServerFactory, behaviour: str, error: str, stage: str, words: str
+) -> None:
+    server = await raw_server_factory(behaviour)  # type: ignore[arg-type]
+    started = time.monotonic()
+    outcome = await session(server.port, security="plain", timeout=5.0, retries=0)
+    assert (outcome.error, outcome.stage) == (error, stage)
+    assert words in outcome.err_message
+    assert outcome.err_message.isprintable()
+    assert len(outcome.err_message) < 200
+    assert time.monotonic() - started < 2.0  # decided on the evidence, not by the deadline
+
+
+async def test_concurrent_sessions_do_not_interfere(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = await smtp_server_factory(mode="plain")
+    outcomes = await asyncio.gather(*(session(server.port, security="plain") for _ in range(20)))
+    assert all(outcome.ok for outcome in outcomes)
+    assert server.connections_accepted == 20
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+async def test_invalid_request_does_no_io(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("silent")
+    outcome = await session(server.port, timeout=-1)
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("invalid_request", "validate", 0)
+    assert outcome.err_message == "timeout: input should be greater than 0"
+    assert server.connections_accepted == 0
+
+
+async def test_missing_secret_is_invalid_request(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("silent")
+    outcome = await session(server.port, credentials="absent")
+    assert outcome.error == "invalid_request"
+    assert "SMTP_SESSION_SECRET_ABSENT" in outcome.err_message
+    assert server.connections_accepted == 0
+
+
+def test_outcome_json_round_trips() -> None:
+    outcome = asyncio.run(open_session({"host": "", "port": 70000}))
+    data = outcome.to_dict()
+    assert data["schema"] == 1
+    assert Outcome.from_dict(data) == outcome
