@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import structlog
 from aiosmtplib import SMTP, SMTPException, SMTPResponse
 
+from monitoring.metrics import SessionMetrics
 from tasks.classify import CERT_HAS_EXPIRED, STAGE_ACTIVITY, Failure, classify, quote_reply
 from tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
@@ -436,16 +437,29 @@ def log_attempt(outcome: Outcome, *, final: bool) -> None:
     )
 
 
+def report_outcome(outcome: Outcome, *, final: bool, metrics: SessionMetrics | None) -> None:
+    """Log an attempt or a final outcome, and count it when metrics are kept."""
+    log_attempt(outcome, final=final)
+    if metrics is None:
+        return
+    if final:
+        metrics.observe_result(outcome)
+    else:
+        metrics.observe_attempt(outcome)
+
+
 async def open_session(
     request: SessionRequest | Mapping[str, Any],
     *,
     environ: Mapping[str, str] | None = None,
     retry_policy: RetryPolicy = RetryPolicy(),
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    metrics: SessionMetrics | None = None,
 ) -> Outcome:
     """Open one SMTP session as the request asks, retrying retryable failures.
 
     Never raises for a failed session or bad input: the Outcome says what happened.
+    Each attempt and the final outcome are logged, and counted in `metrics` if given.
     """
     started_at = utc_now()
     clock_start = asyncio.get_running_loop().time()
@@ -453,7 +467,7 @@ async def open_session(
         session_request, credentials = prepare(request, environ)
     except InvalidRequest as exc:
         outcome = rejected(exc, request, started_at=started_at)
-        log_attempt(outcome, final=True)
+        report_outcome(outcome, final=True, metrics=metrics)
         return outcome
     attempt = 1
     while True:
@@ -464,10 +478,10 @@ async def open_session(
             started_at=started_at,
             clock_start=clock_start,
         )
-        log_attempt(outcome, final=False)
+        report_outcome(outcome, final=False, metrics=metrics)
         if outcome.ok or not outcome.retryable or attempt > session_request.retries:
             break
         await sleep(retry_policy.delay(attempt))
         attempt += 1
-    log_attempt(outcome, final=True)
+    report_outcome(outcome, final=True, metrics=metrics)
     return outcome

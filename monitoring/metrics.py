@@ -1,0 +1,145 @@
+"""Prometheus metrics of SMTP sessions (prefix smtp_session_, blackbox_exporter conventions).
+
+Every metric takes its registry as a parameter. Under the prefork pool the values live
+in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR) and the worker's
+main process aggregates them: gauges therefore name their multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from tasks.outcome import Outcome
+
+ADHOC_TARGET = "adhoc"
+NAMESPACE = "smtp_session"
+# Sessions range from a loopback millisecond to a 10 s deadline times three attempts.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+STAGES = ("resolve", "connect", "tls", "banner", "ehlo", "starttls", "auth", "quit")
+
+
+def _result(outcome: Outcome) -> str:
+    return "success" if outcome.ok else "failure"
+
+
+def _timestamp(iso_utc: str) -> float:
+    return float(calendar.timegm(time.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+class SessionMetrics:
+    """The metrics of DESIGN.md "Metrics", recorded from Outcomes."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = REGISTRY,
+        *,
+        known_targets: Iterable[str] | None = None,
+    ) -> None:
+        """`known_targets`: target names allowed as label values (None: any name).
+
+        A worker passes its configured targets, so a web backend sending arbitrary
+        `target` values cannot grow the label set: unknown names count as `adhoc`.
+        """
+        self.known_targets = frozenset(known_targets) if known_targets is not None else None
+        self.attempts = Counter(
+            "attempts_total",
+            "Session attempts, each one connection (plus its trust fallback).",
+            ["target", "result", "error", "trust"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.opens = Counter(
+            "opens_total",
+            "Final session outcomes, after retries.",
+            ["target", "result", "error"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.tls_fallback = Counter(
+            "tls_fallback_total",
+            "Attempts that retried the handshake in portable trust after native refused it.",
+            ["target", "result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "duration_seconds",
+            "Whole request duration, retries and backoff included.",
+            ["target", "result"],
+            namespace=NAMESPACE,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.stage_duration = Histogram(
+            "stage_duration_seconds",
+            "Time spent per session stage, per attempt.",
+            ["target", "stage"],
+            namespace=NAMESPACE,
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.up = Gauge(
+            "up",
+            "1 if the last final outcome for the target was ok, else 0.",
+            ["target"],
+            namespace=NAMESPACE,
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "last_success_timestamp_seconds",
+            "Unix time of the last ok outcome.",
+            ["target"],
+            namespace=NAMESPACE,
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.cert_expiry = Gauge(
+            "cert_expiry_timestamp_seconds",
+            "notAfter of the certificate the server last presented, as Unix time.",
+            ["target"],
+            namespace=NAMESPACE,
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+
+    def target_label(self, outcome: Outcome) -> str:
+        target = outcome.target
+        if target is None or (self.known_targets is not None and target not in self.known_targets):
+            return ADHOC_TARGET
+        return target
+
+    def observe_attempt(self, outcome: Outcome) -> None:
+        """One attempt ended (its Outcome carries the attempt's timings and trust)."""
+        target = self.target_label(outcome)
+        trust = outcome.tls.trust if outcome.tls and outcome.tls.trust else "none"
+        error = outcome.error.value if outcome.error else ""
+        self.attempts.labels(target, _result(outcome), error, trust).inc()
+        if outcome.tls is not None and outcome.tls.fallback:
+            self.tls_fallback.labels(target, _result(outcome)).inc()
+        timings = outcome.timings
+        for stage in STAGES:
+            seconds = getattr(timings, stage)
+            if seconds is not None:
+                self.stage_duration.labels(target, stage).observe(seconds)
+
+    def observe_result(self, outcome: Outcome) -> None:
+        """The final outcome of a request, after its retries."""
+        target = self.target_label(outcome)
+        error = outcome.error.value if outcome.error else ""
+        self.opens.labels(target, _result(outcome), error).inc()
+        if outcome.timings.total is not None:
+            self.duration.labels(target, _result(outcome)).observe(outcome.timings.total)
+        if outcome.error is not None and outcome.error.value == "invalid_request":
+            return  # says nothing about the server: leave up/expiry as they were
+        self.up.labels(target).set(1 if outcome.ok else 0)
+        if outcome.ok:
+            self.last_success.labels(target).set(time.time())
+        cert = outcome.tls.cert if outcome.tls else None
+        if cert is not None:
+            self.cert_expiry.labels(target).set(_timestamp(cert.not_after))
