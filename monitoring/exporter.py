@@ -37,7 +37,7 @@ def mark_process_dead(pid: int) -> None:
     """Drop a finished pool process's live gauges; its counters stay in the totals."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def start_exporter(address: str, port: int) -> HTTPServer:
