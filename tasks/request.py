@@ -28,6 +28,14 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?$")
 
 
+def _is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _ascii_host(host: str) -> str:
     """The name to connect to: an IP literal as is, a DNS name as its IDNA (A-label) form."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -71,7 +79,9 @@ class SessionRequest(BaseModel):
         if len(host) > MAX_HOST_LENGTH:
             raise ValueError(f"is longer than {MAX_HOST_LENGTH} characters")
         ascii_host = _ascii_host(host)
-        if ":" not in ascii_host and not all(
+        if _is_ip_literal(ascii_host):
+            return host
+        if not all(
             _HOST_LABEL.match(label) and len(label) <= MAX_LABEL_LENGTH
             for label in ascii_host.split(".")
         ):

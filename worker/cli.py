@@ -50,7 +50,7 @@ def split_host_port(value: str) -> tuple[str, int | None]:
                 ) from None
     if port_text is None:
         return host, None
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise click.BadParameter(f"port {port_text!r} is not a number", param_hint="HOST[:PORT]")
     return host, int(port_text)
 

@@ -1,0 +1,308 @@
+"""`smtp-session check HOST[:PORT]` as a real subprocess against loopback servers.
+
+The servers run in the test's own event loop, so the CLI is started with
+``asyncio.create_subprocess_exec`` and awaited: the loop keeps serving while the
+child talks to it. Every run gets a clean environment (no inherited
+``SMTP_SESSION_*``) with its data directory under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tests.servers import (
+    LOOPBACK,
+    RawServerFactory,
+    SmtpServer,
+    leaf_certificate,
+)
+
+CLI = Path(sys.executable).parent / "smtp-session"
+#: Bound on one CLI run: start-up is ~0.5 s; every session below is a few seconds at most.
+CLI_RUN_TIMEOUT = 30.0
+#: Keeps the child off DNS for its EHLO name (socket.getfqdn may be slow in a sandbox).
+EHLO = ("--ehlo-name", "client.example")
+ENV_PREFIX = "SMTP_SESSION_"
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """What one `smtp-session` process did."""
+
+    code: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+    def json(self) -> dict[str, Any]:
+        """The one JSON document stdout must hold with --json (and nothing else)."""
+        lines = self.stdout.splitlines()
+        assert len(lines) == 1, f"expected one line of JSON on stdout, got {self.stdout!r}"
+        document = json.loads(lines[0])
+        assert isinstance(document, dict)
+        return document
+
+
+def cli_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without SMTP_SESSION_*, plus a private data dir."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env[ENV_PREFIX + "DATA_DIR"] = str(tmp_path / "data")
+    env.update(extra or {})
+    return env
+
+
+async def run_cli(*args: str, env: Mapping[str, str]) -> CliRun:
+    """Run `smtp-session ARGS` to completion (bounded), serving the loop meanwhile."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    process = await asyncio.create_subprocess_exec(
+        str(CLI),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_RUN_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return CliRun(
+        code=process.returncode,
+        stdout=stdout.decode("utf-8", "replace"),
+        stderr=stderr.decode("utf-8", "replace"),
+        elapsed=loop.time() - started,
+    )
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    """The JSON log objects on stderr (every non-empty line must be one)."""
+    events = []
+    for line in stderr.splitlines():
+        if line.strip():
+            event = json.loads(line)
+            assert isinstance(event, dict), line
+            events.append(event)
+    return events
+
+
+# ----------------------------------------------------------------------------- success
+
+
+async def test_ok_prints_one_line_and_exits_0(
+    smtp_server: SmtpServer, ca_pem_path: str, tmp_path: Path
+) -> None:
+    run = await run_cli(
+        "check",
+        f"{smtp_server.host}:{smtp_server.port}",
+        "--ca-file",
+        ca_pem_path,
+        *EHLO,
+        env=cli_env(tmp_path),
+    )
+
+    assert run.code == EXIT_OK, run
+    lines = run.stdout.splitlines()
+    assert len(lines) == 1, run.stdout
+    assert lines[0].startswith(f"OK {LOOPBACK}:{smtp_server.port}: starttls"), lines[0]
+    # The trustme CA is only in ca_file: native trust refused, portable verified.
+    assert "verified (portable trust, after native trust failed)" in lines[0]
+    assert smtp_server.received("STARTTLS")
+    assert smtp_server.received("QUIT")
+
+
+async def test_json_is_one_document_and_verbose_logs_go_to_stderr(
+    smtp_server: SmtpServer, ca_pem_path: str, good_cert: trustme.LeafCert, tmp_path: Path
+) -> None:
+    run = await run_cli(
+        "check",
+        f"{smtp_server.host}:{smtp_server.port}",
+        "--ca-file",
+        ca_pem_path,
+        "--json",
+        "-v",
+        *EHLO,
+        env=cli_env(tmp_path),
+    )
+
+    assert run.code == EXIT_OK, run
+    outcome = run.json()
+    assert outcome["schema"] == 1
+    assert outcome["ok"] is True
+    assert outcome["err_message"] == ""
+    assert outcome["error"] is None
+    assert outcome["stage"] == "done"
+    assert (outcome["host"], outcome["port"]) == (LOOPBACK, smtp_server.port)
+    assert outcome["security"] == "starttls"
+    assert outcome["attempts"] == 1
+    tls = outcome["tls"]
+    assert (tls["trust"], tls["fallback"], tls["verified"]) == ("portable", True, True)
+    leaf = leaf_certificate(good_cert)
+    assert tls["cert"]["subject"] == leaf.subject.rfc4514_string()
+    assert "CN=localhost" in tls["cert"]["subject"]
+    assert tls["cert"]["sha256"] == hashlib.sha256(leaf.public_bytes(Encoding.DER)).hexdigest()
+    assert set(tls["cert"]["sans"]) >= {"localhost", "127.0.0.1"}
+    assert outcome["server"]["banner"].startswith("220 ")
+
+    # -v: the attempt and the result are logged, on stderr only, one JSON object a line.
+    events = log_events(run.stderr)
+    names = [event.get("event") for event in events]
+    assert "session.attempt" in names
+    assert names[-1] == "session.result"
+    result = events[-1]
+    assert result["ok"] is True
+    assert (result["trust"], result["fallback"]) == ("portable", True)
+    assert "session." not in run.stdout
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+async def test_refused_prints_a_few_lines_and_exits_1(
+    refused_port: tuple[str, int], tmp_path: Path
+) -> None:
+    host, port = refused_port
+    run = await run_cli("check", f"{host}:{port}", "--retries", "0", *EHLO, env=cli_env(tmp_path))
+
+    assert run.code == EXIT_FAILED, run
+    lines = run.stdout.splitlines()
+    assert 2 <= len(lines) <= 5, run.stdout
+    assert lines[0] == f"FAILED {host}:{port}: refused at connect"
+    assert "refused" in lines[1]
+
+
+async def test_silent_server_times_out_at_the_banner(
+    raw_server_factory: RawServerFactory, tmp_path: Path
+) -> None:
+    server = await raw_server_factory("silent")
+    run = await run_cli(
+        "check",
+        f"{server.host}:{server.port}",
+        "--timeout",
+        "1",
+        "--retries",
+        "0",
+        "--json",
+        *EHLO,
+        env=cli_env(tmp_path),
+    )
+
+    assert run.code == EXIT_FAILED, run
+    outcome = run.json()
+    assert (outcome["ok"], outcome["error"], outcome["stage"]) == (False, "timeout", "banner")
+    assert outcome["retryable"] is True
+    assert outcome["attempts"] == 1
+    found = re.fullmatch(
+        r"timed out after (\d+\.\d) s waiting for the server greeting", outcome["err_message"]
+    )
+    assert found, outcome["err_message"]
+    assert 0.8 <= float(found.group(1)) <= 2.0
+    # One attempt of 1 s, plus interpreter start-up: not the 10 s default.
+    assert run.elapsed < 8.0
+    assert server.connections_accepted == 1
+
+
+async def test_bracketed_ipv6_address_reaches_the_network(
+    refused_port: tuple[str, int], tmp_path: Path
+) -> None:
+    # Nothing listens on ::1 here (the servers are IPv4): whether ::1 refuses or is
+    # unreachable, the point is that `[::1]:PORT` parsed and the session was tried.
+    _, port = refused_port
+    run = await run_cli(
+        "check",
+        f"[::1]:{port}",
+        "--timeout",
+        "2",
+        "--retries",
+        "0",
+        "--json",
+        *EHLO,
+        env=cli_env(tmp_path),
+    )
+
+    assert run.code == EXIT_FAILED, run
+    outcome = run.json()
+    assert (outcome["host"], outcome["port"]) == ("::1", port)
+    assert outcome["error"] != "invalid_request"
+    assert outcome["stage"] != "validate"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        pytest.param(["", "--json"], "host", id="empty-host"),
+        pytest.param(["a b", "--json"], "host", id="space-in-host"),
+        pytest.param(["127.0.0.1:0", "--json"], "port", id="port-0"),
+        pytest.param(["127.0.0.1:70000", "--json"], "port", id="port-70000"),
+        pytest.param(["127.0.0.1:25", "--timeout", "-1", "--json"], "timeout", id="timeout-neg"),
+    ],
+)
+async def test_invalid_request_is_one_json_document_and_exit_2(
+    args: list[str], field: str, tmp_path: Path
+) -> None:
+    run = await run_cli("check", *args, env=cli_env(tmp_path))
+
+    assert run.code == EXIT_INVALID, run
+    outcome = run.json()
+    assert outcome["schema"] == 1
+    assert (outcome["ok"], outcome["error"], outcome["stage"]) == (
+        False,
+        "invalid_request",
+        "validate",
+    )
+    assert outcome["err_message"].startswith(f"{field}: "), outcome["err_message"]
+    assert outcome["attempts"] == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["127.0.0.1", "--security", "foo"], id="unknown-security"),
+        pytest.param(["x:abc"], id="port-not-a-number"),
+        pytest.param(["[::1"], id="unclosed-bracket"),
+    ],
+)
+async def test_usage_error_exits_2_with_a_message_on_stderr(
+    args: list[str], tmp_path: Path
+) -> None:
+    run = await run_cli("check", *args, "--json", env=cli_env(tmp_path))
+
+    assert run.code == EXIT_INVALID, run
+    assert run.stdout == ""
+    assert "Error:" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+async def test_invalid_setting_exits_2_naming_the_variable(
+    refused_port: tuple[str, int], tmp_path: Path
+) -> None:
+    host, port = refused_port
+    env = cli_env(tmp_path, {"SMTP_SESSION_TIMEOUT": "abc"})
+    run = await run_cli("check", f"{host}:{port}", *EHLO, env=env)
+
+    assert run.code == EXIT_INVALID, run
+    assert "SMTP_SESSION_TIMEOUT" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stdout == ""
