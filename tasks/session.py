@@ -30,6 +30,7 @@ from tasks.trust import (
     peer_certificate,
     verifying_context,
 )
+from tasks.trust_memory import TrustMemory
 
 DEFAULT_BACKOFF_BASE = 1.0
 MAX_BACKOFF = 30.0
@@ -283,7 +284,7 @@ def _auth_unavailable(offered: list[str], wanted: str) -> SessionFailure:
 
 
 def _explain(
-    failure: Failure, *, cert: CertInfo | None, fallback: bool, request: SessionRequest
+    failure: Failure, *, cert: CertInfo | None, both_modes: bool, request: SessionRequest
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
     message, hint = failure.message, None
@@ -298,7 +299,7 @@ def _explain(
         names = ", ".join(cert.sans) if cert is not None and cert.sans else "none"
         message = f"certificate is not valid for {request.connect_host} (it names: {names})"
     elif failure.category is ErrorCategory.TLS_UNTRUSTED:
-        if fallback:
+        if both_modes:
             message += " (native and portable trust)"
         hint = (
             "add the issuing CA with ca_file"
@@ -330,6 +331,7 @@ async def run_attempt(
     attempt: int,
     started_at: str,
     clock_start: float | None = None,
+    trust_memory: TrustMemory | None = None,
 ) -> Outcome:
     """One attempt: a connection, plus the portable retry when native trust refused the chain.
 
@@ -340,21 +342,29 @@ async def run_attempt(
     begun = loop.time() if clock_start is None else clock_start
     ehlo_name = request.ehlo_name or await local_hostname()
     security = request.effective_security
+    memory_key = (request.connect_host, request.effective_port, request.ca_file)
+    remembered = trust_memory is not None and trust_memory.needs_portable(memory_key)
     modes: list[TrustMode | None]
     if security == "plain":
         modes = [None]
     elif request.trust == "auto":
-        modes = ["native", "portable"]
+        # A server that needed the portable store last time starts there; it still counts
+        # as the fallback, and native gets its turn if portable no longer verifies it.
+        modes = ["portable", "native"] if remembered else ["native", "portable"]
     else:
         modes = [request.trust]
-    fallback = False
     for index, mode in enumerate(modes):
         connection = _Connection(request, credentials, mode, ehlo_name)
         failure = await connection.run()
         last = index == len(modes) - 1
         if failure is None or failure.category is not ErrorCategory.TLS_UNTRUSTED or last:
             break
-        fallback = True
+    fallback = request.trust == "auto" and connection.trust == "portable"
+    if trust_memory is not None and request.trust == "auto" and security != "plain":
+        if failure is None:
+            trust_memory.remember(memory_key, connection.trust)
+        elif failure.category is ErrorCategory.TLS_UNTRUSTED:
+            trust_memory.remember(memory_key, None)
     cert = connection.cert
     if failure is not None and failure.is_certificate_failure and connection.address:
         cert = await fetch_unverified_certificate(
@@ -367,7 +377,7 @@ async def run_attempt(
         )
     message, hint = ("", None)
     if failure is not None:
-        message, hint = _explain(failure, cert=cert, fallback=fallback, request=request)
+        message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
     return Outcome(
         ok=failure is None,
         err_message=message,
@@ -455,6 +465,7 @@ async def open_session(
     retry_policy: RetryPolicy = RetryPolicy(),
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     metrics: SessionMetrics | None = None,
+    trust_memory: TrustMemory | None = None,
 ) -> Outcome:
     """Open one SMTP session as the request asks, retrying retryable failures.
 
@@ -477,6 +488,7 @@ async def open_session(
             attempt=attempt,
             started_at=started_at,
             clock_start=clock_start,
+            trust_memory=trust_memory,
         )
         report_outcome(outcome, final=False, metrics=metrics)
         if outcome.ok or not outcome.retryable or attempt > session_request.retries:

@@ -39,6 +39,11 @@ def _cached_context(mode: TrustMode, ca_file: str | None, _ca_mtime: float) -> s
     return _harden(context)
 
 
+def forget_contexts() -> None:
+    """Drop the cached contexts: the native one keeps every store it has loaded."""
+    _cached_context.cache_clear()
+
+
 def verifying_context(mode: TrustMode, ca_file: str | None = None) -> ssl.SSLContext:
     """A context that verifies the chain and the host name, TLS 1.2 or newer.
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trustme
 
+from tasks.trust import forget_contexts
 from tests.servers import (
     EXPIRED_NOT_AFTER,
     EXPIRED_NOT_BEFORE,
@@ -27,6 +28,18 @@ from tests.servers import (
 )
 
 # ----------------------------------------------------------------------------- certificates
+
+
+@pytest.fixture(autouse=True)
+def fresh_tls_contexts() -> Iterator[None]:
+    """Each test starts with no cached TLS context.
+
+    truststore loads the system store (SSL_CERT_FILE here) into the cached native
+    context at every handshake, so a test that points SSL_CERT_FILE at the test CA
+    would otherwise make every later test's native trust accept it.
+    """
+    yield
+    forget_contexts()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import trustme
 
 from tasks.outcome import Outcome
 from tasks.session import RetryPolicy, open_session
+from tasks.trust_memory import TrustMemory
 from tests.servers import (
     AUTH_FAILED_REPLY,
     LOOPBACK,
@@ -396,3 +397,41 @@ def test_outcome_json_round_trips() -> None:
     data = outcome.to_dict()
     assert data["schema"] == 1
     assert Outcome.from_dict(data) == outcome
+
+
+# ----------------------------------------------------------------------------- trust memory
+
+
+async def test_trust_memory_skips_the_failing_native_handshake(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls")
+    memory = TrustMemory(capacity=8)
+    first = await open_session(
+        {"host": LOOPBACK, "port": server.port, "ca_file": ca_pem_path}, trust_memory=memory
+    )
+    assert server.connections_accepted == 2  # native refused, portable verified
+    second = await open_session(
+        {"host": LOOPBACK, "port": server.port, "ca_file": ca_pem_path}, trust_memory=memory
+    )
+    assert server.connections_accepted == 3  # straight to portable
+    for outcome in (first, second):
+        assert outcome.ok
+        assert outcome.tls is not None
+        assert (outcome.tls.trust, outcome.tls.fallback) == ("portable", True)
+
+
+async def test_trust_memory_falls_back_to_native_when_portable_stops_verifying(
+    smtp_server_factory: SmtpServerFactory,
+    ca_pem_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = await smtp_server_factory(mode="starttls")
+    memory = TrustMemory()
+    memory.remember((LOOPBACK, server.port, None), "portable")
+    monkeypatch.setenv("SSL_CERT_FILE", ca_pem_path)  # now only the native store knows the CA
+    outcome = await open_session({"host": LOOPBACK, "port": server.port}, trust_memory=memory)
+    assert outcome.ok
+    assert outcome.tls is not None
+    assert (outcome.tls.trust, outcome.tls.fallback) == ("native", False)
+    assert not memory.needs_portable((LOOPBACK, server.port, None))
