@@ -54,6 +54,8 @@ class RetryPolicy:
         return float(step / 2 + random.uniform(0, step / 2))
 
 
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
 _local_fqdn: str | None = None
 
 
@@ -462,7 +464,7 @@ async def open_session(
     request: SessionRequest | Mapping[str, Any],
     *,
     environ: Mapping[str, str] | None = None,
-    retry_policy: RetryPolicy = RetryPolicy(),
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     metrics: SessionMetrics | None = None,
     trust_memory: TrustMemory | None = None,

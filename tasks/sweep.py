@@ -1,0 +1,146 @@
+"""Check many servers at once in one process, with a bound on concurrent sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.asyncresolver
+from pydantic import BaseModel, ConfigDict
+
+from monitoring.metrics import SessionMetrics
+from tasks.discovery import discover
+from tasks.errors import ErrorCategory, SessionFailure, Stage
+from tasks.outcome import Outcome
+from tasks.request import SessionRequest
+from tasks.session import (
+    DEFAULT_RETRY_POLICY,
+    RetryPolicy,
+    open_session,
+    report_outcome,
+    utc_now,
+)
+from tasks.trust_memory import TrustMemory
+
+
+@dataclass(frozen=True)
+class DomainCheck:
+    """A target given as a mail domain: its hosts are discovered (SRV, then MX) when checked.
+
+    Each discovered host becomes a session of its own, with `fields` as its request.
+    """
+
+    domain: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+SweepItem = SessionRequest | DomainCheck
+
+
+class SweepSummary(BaseModel):
+    """The `smtp_session.sweep` result."""
+
+    model_config = ConfigDict(frozen=True)
+
+    total: int
+    ok: int
+    failed: int
+    duration_s: float
+    outcomes: list[Outcome]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"outcomes"})
+        return {**data, "outcomes": [outcome.to_dict() for outcome in self.outcomes]}
+
+
+@dataclass
+class _Sweep:
+    concurrency: int
+    environ: Mapping[str, str] | None
+    metrics: SessionMetrics | None
+    trust_memory: TrustMemory | None
+    retry_policy: RetryPolicy
+    on_outcome: Callable[[Outcome], None] | None
+    resolver: dns.asyncresolver.Resolver | None
+    _slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.concurrency)
+
+    def _done(self, outcome: Outcome) -> Outcome:
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
+
+    async def session(self, request: SessionRequest | Mapping[str, Any]) -> Outcome:
+        async with self._slots:
+            outcome = await open_session(
+                request,
+                environ=self.environ,
+                metrics=self.metrics,
+                trust_memory=self.trust_memory,
+                retry_policy=self.retry_policy,
+            )
+        return self._done(outcome)
+
+    async def domain(self, check: DomainCheck) -> list[Outcome]:
+        try:
+            async with self._slots:
+                hosts = await discover(check.domain, resolver=self.resolver)
+        except SessionFailure as exc:
+            target = check.fields.get("target")
+            outcome = Outcome(
+                ok=False,
+                err_message=exc.message,
+                error=ErrorCategory.DNS,
+                stage=Stage.RESOLVE,
+                retryable=ErrorCategory.DNS.retryable,
+                host=check.domain,
+                target=target if isinstance(target, str) else None,
+                started_at=utc_now(),
+            )
+            report_outcome(outcome, final=True, metrics=self.metrics)
+            return [self._done(outcome)]
+        requests = [{"port": found.port, **check.fields, "host": found.host} for found in hosts]
+        return list(await asyncio.gather(*(self.session(request) for request in requests)))
+
+    async def item(self, item: SweepItem) -> list[Outcome]:
+        if isinstance(item, DomainCheck):
+            return await self.domain(item)
+        return [await self.session(item)]
+
+
+async def sweep(
+    items: Sequence[SweepItem],
+    *,
+    concurrency: int,
+    environ: Mapping[str, str] | None = None,
+    metrics: SessionMetrics | None = None,
+    trust_memory: TrustMemory | None = None,
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    resolver: dns.asyncresolver.Resolver | None = None,
+) -> SweepSummary:
+    """Check every item with at most `concurrency` sessions open at once.
+
+    Outcomes come back in the order of `items` (a domain's hosts in discovery order);
+    `on_outcome` is called as each one finishes, for a progress display. One dead server
+    costs its own deadline and holds one slot, never the others'.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    runner = _Sweep(concurrency, environ, metrics, trust_memory, retry_policy, on_outcome, resolver)
+    nested = await asyncio.gather(*(runner.item(item) for item in items))
+    outcomes = [outcome for group in nested for outcome in group]
+    ok = sum(outcome.ok for outcome in outcomes)
+    return SweepSummary(
+        total=len(outcomes),
+        ok=ok,
+        failed=len(outcomes) - ok,
+        duration_s=round(loop.time() - started, 3),
+        outcomes=outcomes,
+    )

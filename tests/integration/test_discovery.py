@@ -1,0 +1,367 @@
+"""Discovery of a mail domain's servers (SRV, then MX) against a DNS server on loopback.
+
+The DNS server is started here, on 127.0.0.1 UDP port 0, and answers from a table of
+records; the resolver is built without reading /etc/resolv.conf and points at it alone,
+so no test ever asks public DNS anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Any
+
+import dns.asyncresolver
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from tasks.discovery import MAX_DISCOVERED, MX_PORT, DiscoveredHost, discover
+from tasks.errors import ErrorCategory, SessionFailure, Stage
+from tasks.outcome import Outcome
+from tasks.sweep import DomainCheck, sweep
+from tests.servers import LOOPBACK, SmtpServerFactory
+
+DOMAIN = "example.test"
+SRV_NAME = f"_submission._tcp.{DOMAIN}"
+#: Resolver deadline for the whole lookup; loopback answers in microseconds.
+LIFETIME = 2.0
+#: Deadline in the tests where the server stays silent: the wait is the point.
+SHORT_LIFETIME = 0.3
+TTL = 300
+
+#: ``(name, type) -> rdata in zone-file text``.
+Records = Mapping[tuple[str, str], Sequence[str]]
+
+
+class DnsServer(asyncio.DatagramProtocol):
+    """A tiny authoritative-looking DNS server over UDP that answers from ``records``.
+
+    A name it has no record of at all gets NXDOMAIN; a known name asked for another type
+    gets an empty NOERROR answer. Names in ``servfail`` get SERVFAIL, and names in
+    ``silent`` get nothing at all (the resolver times out).
+    """
+
+    def __init__(
+        self,
+        records: Records,
+        *,
+        servfail: Collection[str] = (),
+        silent: Collection[str] = (),
+    ) -> None:
+        self.records = {
+            (dns.name.from_text(name), dns.rdatatype.from_text(kind)): list(rdata)
+            for (name, kind), rdata in records.items()
+        }
+        self.names = {name for name, _ in self.records}
+        self.servfail = {dns.name.from_text(name) for name in servfail}
+        self.silent = {dns.name.from_text(name) for name in silent}
+        #: Every question received, as ``(name without final dot, type)``.
+        self.queries: list[tuple[str, str]] = []
+        self.port = 0
+        self._transport: asyncio.DatagramTransport | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(LOOPBACK, 0))
+        self._transport = transport
+        self.port = int(self._transport.get_extra_info("sockname")[1])
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def resolver(self, lifetime: float = LIFETIME) -> dns.asyncresolver.Resolver:
+        """A resolver that asks this server and nothing else."""
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(LOOPBACK, self.port)]
+        resolver.lifetime = lifetime
+        resolver.timeout = lifetime
+        return resolver
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        name, kind = question.name, question.rdtype
+        self.queries.append((name.to_text(omit_final_dot=True), dns.rdatatype.to_text(kind)))
+        if name in self.silent:
+            return
+        response = dns.message.make_response(query)
+        if name in self.servfail:
+            response.set_rcode(dns.rcode.SERVFAIL)
+        elif (name, kind) in self.records:
+            response.answer.append(
+                dns.rrset.from_text_list(
+                    name, TTL, dns.rdataclass.IN, kind, self.records[name, kind]
+                )
+            )
+        elif name not in self.names:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        assert self._transport is not None
+        self._transport.sendto(response.to_wire(), addr)
+
+
+@pytest.fixture
+async def dns_servers() -> AsyncIterator[list[DnsServer]]:
+    """Servers started by :func:`serve` in this test, closed at teardown."""
+    servers: list[DnsServer] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+async def serve(
+    servers: list[DnsServer],
+    records: Records,
+    *,
+    servfail: Collection[str] = (),
+    silent: Collection[str] = (),
+) -> DnsServer:
+    server = DnsServer(records, servfail=servfail, silent=silent)
+    await server.start()
+    servers.append(server)
+    return server
+
+
+async def found(server: DnsServer, domain: str = DOMAIN) -> list[tuple[str, int, str]]:
+    hosts = await discover(domain, resolver=server.resolver())
+    return [(host.host, host.port, host.source) for host in hosts]
+
+
+async def refused(server: DnsServer, domain: str = DOMAIN) -> SessionFailure:
+    with pytest.raises(SessionFailure) as caught:
+        await discover(domain, resolver=server.resolver(SHORT_LIFETIME))
+    assert caught.value.category is ErrorCategory.DNS
+    return caught.value
+
+
+# ----------------------------------------------------------------------------- SRV
+
+
+async def test_srv_is_ordered_by_priority_then_heaviest_weight(
+    dns_servers: list[DnsServer],
+) -> None:
+    server = await serve(
+        dns_servers,
+        {
+            (SRV_NAME, "SRV"): [
+                "20 100 587 backup.example.test.",
+                "10 5 587 light.example.test.",
+                "10 60 465 heavy.example.test.",
+                "0 0 2587 first.example.test.",
+            ],
+            (DOMAIN, "MX"): ["10 mx.example.test."],
+        },
+    )
+    assert await found(server) == [
+        ("first.example.test", 2587, "srv"),
+        ("heavy.example.test", 465, "srv"),
+        ("light.example.test", 587, "srv"),
+        ("backup.example.test", 587, "srv"),
+    ]
+    # SRV answered: MX is never asked.
+    assert server.queries == [(SRV_NAME, "SRV")]
+
+
+async def test_srv_dot_target_means_no_service_and_falls_to_mx(
+    dns_servers: list[DnsServer],
+) -> None:
+    server = await serve(
+        dns_servers,
+        {
+            (SRV_NAME, "SRV"): ["0 0 0 ."],
+            (DOMAIN, "MX"): ["10 mx.example.test."],
+        },
+    )
+    assert await found(server) == [("mx.example.test", MX_PORT, "mx")]
+    assert server.queries == [(SRV_NAME, "SRV"), (DOMAIN, "MX")]
+
+
+async def test_srv_name_without_srv_record_falls_to_mx(dns_servers: list[DnsServer]) -> None:
+    # The SRV name exists (NOERROR) but holds no SRV: the NoAnswer path, not NXDOMAIN.
+    server = await serve(
+        dns_servers,
+        {(SRV_NAME, "TXT"): ['"nothing here"'], (DOMAIN, "MX"): ["5 mx.example.test."]},
+    )
+    assert await found(server) == [("mx.example.test", MX_PORT, "mx")]
+
+
+async def test_discovered_hosts_are_capped(dns_servers: list[DnsServer]) -> None:
+    server = await serve(
+        dns_servers,
+        {(SRV_NAME, "SRV"): [f"{n} 0 587 s{n:02}.example.test." for n in range(15)]},
+    )
+    hosts = await found(server)
+    assert len(hosts) == MAX_DISCOVERED
+    assert hosts[0] == ("s00.example.test", 587, "srv")
+    assert hosts[-1] == (f"s{MAX_DISCOVERED - 1:02}.example.test", 587, "srv")
+
+
+# ----------------------------------------------------------------------------- MX
+
+
+async def test_no_srv_gives_mx_by_preference_on_port_25(dns_servers: list[DnsServer]) -> None:
+    server = await serve(
+        dns_servers,
+        {
+            (DOMAIN, "MX"): [
+                "30 mx3.example.test.",
+                "10 mx1.example.test.",
+                "20 mx2.example.test.",
+            ]
+        },
+    )
+    assert await found(server) == [
+        ("mx1.example.test", 25, "mx"),
+        ("mx2.example.test", 25, "mx"),
+        ("mx3.example.test", 25, "mx"),
+    ]
+    assert server.queries == [(SRV_NAME, "SRV"), (DOMAIN, "MX")]
+
+
+async def test_discover_returns_discovered_hosts(dns_servers: list[DnsServer]) -> None:
+    server = await serve(dns_servers, {(DOMAIN, "MX"): ["10 mx.example.test."]})
+    hosts = await discover(DOMAIN, resolver=server.resolver())
+    assert hosts == [DiscoveredHost("mx.example.test", MX_PORT, "mx")]
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+async def test_neither_srv_nor_mx_is_a_dns_failure(dns_servers: list[DnsServer]) -> None:
+    server = await serve(dns_servers, {(DOMAIN, "A"): ["192.0.2.1"]})
+    failure = await refused(server)
+    assert failure.message == f"{DOMAIN} has no _submission._tcp SRV record and no MX record"
+
+
+async def test_unknown_domain_is_a_dns_failure(dns_servers: list[DnsServer]) -> None:
+    server = await serve(dns_servers, {})
+    failure = await refused(server, "nowhere.test")
+    assert "nowhere.test" in failure.message
+    assert "no MX record" in failure.message
+
+
+async def test_null_mx_is_a_dns_failure(dns_servers: list[DnsServer]) -> None:
+    # RFC 7505: "0 ." says the domain accepts no mail; it is not a host to connect to.
+    server = await serve(dns_servers, {(DOMAIN, "MX"): ["0 ."]})
+    failure = await refused(server)
+    assert "no MX record" in failure.message
+
+
+async def test_servfail_is_a_dns_failure(dns_servers: list[DnsServer]) -> None:
+    server = await serve(dns_servers, {}, servfail=[SRV_NAME, DOMAIN])
+    failure = await refused(server)
+    assert failure.message.startswith(f"could not discover the servers of {DOMAIN}: ")
+    assert "SERVFAIL" in failure.message
+
+
+async def test_servfail_on_mx_after_no_srv_is_a_dns_failure(dns_servers: list[DnsServer]) -> None:
+    server = await serve(dns_servers, {}, servfail=[DOMAIN])
+    failure = await refused(server)
+    assert failure.message.startswith(f"could not discover the servers of {DOMAIN}: ")
+    assert server.queries[0] == (SRV_NAME, "SRV")
+    assert (DOMAIN, "MX") in server.queries
+
+
+async def test_resolver_timeout_is_a_dns_failure(dns_servers: list[DnsServer]) -> None:
+    server = await serve(dns_servers, {}, silent=[SRV_NAME])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    failure = await refused(server)
+    waited = loop.time() - started
+    assert failure.message.startswith(f"could not discover the servers of {DOMAIN}: ")
+    assert "timed out" in failure.message or "timeout" in failure.message.lower()
+    # The resolver's lifetime bounds the wait, not some default of several seconds.
+    assert SHORT_LIFETIME * 0.9 <= waited < SHORT_LIFETIME + 1.0
+
+
+# ----------------------------------------------------------------------------- in a sweep
+
+
+async def test_sweep_checks_each_discovered_host_and_reports_dns_failures(
+    dns_servers: list[DnsServer], smtp_server_factory: SmtpServerFactory
+) -> None:
+    smtp = await smtp_server_factory(mode="plain")
+    server = await serve(
+        dns_servers,
+        {(SRV_NAME, "SRV"): [f"0 0 {smtp.port} localhost."]},
+    )
+    calls: list[Outcome] = []
+    summary = await sweep(
+        [
+            DomainCheck(DOMAIN, {"security": "plain", "target": "dom"}),
+            DomainCheck("nowhere.test", {"security": "plain", "target": "lost"}),
+        ],
+        concurrency=4,
+        resolver=server.resolver(),
+        on_outcome=calls.append,
+    )
+    assert (summary.total, summary.ok, summary.failed) == (2, 1, 1)
+    good, lost = summary.outcomes
+    assert good.ok, good.err_message
+    assert (good.host, good.port, good.target, good.security) == (
+        "localhost",
+        smtp.port,
+        "dom",
+        "plain",
+    )
+    assert smtp.verbs == ["EHLO", "QUIT"]
+    assert not lost.ok
+    assert (lost.error, lost.stage, lost.host, lost.target) == (
+        ErrorCategory.DNS,
+        Stage.RESOLVE,
+        "nowhere.test",
+        "lost",
+    )
+    assert lost.retryable
+    assert "nowhere.test" in lost.err_message
+    assert sorted(map(id, calls)) == sorted(map(id, summary.outcomes))
+
+
+async def test_sweep_runs_one_session_per_discovered_host_in_discovery_order(
+    dns_servers: list[DnsServer], smtp_server_factory: SmtpServerFactory
+) -> None:
+    primary = await smtp_server_factory(mode="plain")
+    backup = await smtp_server_factory(mode="plain")
+    server = await serve(
+        dns_servers,
+        {
+            (SRV_NAME, "SRV"): [
+                f"20 0 {backup.port} localhost.",
+                f"10 0 {primary.port} localhost.",
+            ]
+        },
+    )
+    summary = await sweep(
+        [DomainCheck(DOMAIN, {"security": "plain", "target": "dom"})],
+        concurrency=1,
+        resolver=server.resolver(),
+    )
+    assert [(o.ok, o.port, o.target) for o in summary.outcomes] == [
+        (True, primary.port, "dom"),
+        (True, backup.port, "dom"),
+    ]
+    assert primary.connections_accepted == backup.connections_accepted == 1
+
+
+async def test_sweep_domain_port_from_fields_wins_over_srv(
+    dns_servers: list[DnsServer], smtp_server_factory: SmtpServerFactory
+) -> None:
+    # A port configured for the target is the operator's choice: discovery fills it only
+    # when none is given (the MX port 25 rarely allows submission).
+    smtp = await smtp_server_factory(mode="plain")
+    server = await serve(dns_servers, {(DOMAIN, "MX"): ["10 localhost."]})
+    summary = await sweep(
+        [DomainCheck(DOMAIN, {"security": "plain", "port": smtp.port})],
+        concurrency=1,
+        resolver=server.resolver(),
+    )
+    (outcome,) = summary.outcomes
+    assert outcome.ok, outcome.err_message
+    assert outcome.port == smtp.port

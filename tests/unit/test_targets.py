@@ -1,0 +1,356 @@
+"""The targets file: a valid file becomes Targets; every bad one is refused by name.
+
+Each refusal must let an operator find the line to fix: the message names the file, the
+target (by name, or by position when it has no usable name) and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.request import SessionRequest
+from worker.targets import DEFAULT_INTERVAL, InvalidTargets, Target, load_targets, parse_targets
+
+VALID = """
+[defaults]
+timeout = 7.5
+retries = 1
+security = "starttls"
+trust = "portable"
+
+[[targets]]
+name = "gmail-submission"
+host = "smtp.gmail.com"
+port = 587
+credentials = "gmail"
+interval = 300
+
+[[targets]]
+name = "relay"
+host = "relay.example.test"
+security = "tls"
+retries = 0
+
+[[targets]]
+name = "example-mx"
+domain = "example.test"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "targets.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def refusal(path: Path) -> str:
+    """The message of the InvalidTargets that loading ``path`` raises."""
+    with pytest.raises(InvalidTargets) as caught:
+        load_targets(path)
+    return str(caught.value)
+
+
+# ----------------------------------------------------------------------------- valid files
+
+
+@pytest.fixture
+def targets(tmp_path: Path) -> dict[str, Target]:
+    loaded = load_targets(write(tmp_path, VALID))
+    assert [target.name for target in loaded] == ["gmail-submission", "relay", "example-mx"]
+    return {target.name: target for target in loaded}
+
+
+def test_host_target_gets_defaults_and_its_own_fields(targets: dict[str, Target]) -> None:
+    gmail = targets["gmail-submission"]
+    assert gmail.domain is None
+    assert gmail.interval == 300.0
+    assert gmail.request == SessionRequest(
+        host="smtp.gmail.com",
+        port=587,
+        security="starttls",
+        trust="portable",
+        timeout=7.5,
+        retries=1,
+        credentials="gmail",
+        target="gmail-submission",
+    )
+
+
+def test_target_field_overrides_the_default(targets: dict[str, Target]) -> None:
+    relay = targets["relay"]
+    assert relay.request.security == "tls"
+    assert relay.request.retries == 0
+    assert relay.request.timeout == 7.5  # not overridden: still the default
+    assert relay.request.effective_port == 465
+    assert relay.request.target == "relay"
+
+
+def test_interval_defaults_to_sixty_seconds(targets: dict[str, Target]) -> None:
+    assert DEFAULT_INTERVAL == 60.0
+    assert targets["relay"].interval == 60.0
+    assert targets["example-mx"].interval == 60.0
+
+
+def test_interval_from_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [defaults]
+        interval = 15
+        [[targets]]
+        name = "a"
+        host = "a.example.test"
+        [[targets]]
+        name = "b"
+        host = "b.example.test"
+        interval = 2.5
+        """,
+    )
+    assert [target.interval for target in load_targets(path)] == [15.0, 2.5]
+
+
+def test_domain_target_keeps_its_fields_for_each_discovered_host(
+    targets: dict[str, Target],
+) -> None:
+    mx = targets["example-mx"]
+    assert mx.domain == "example.test"
+    assert mx.request.target == "example-mx"
+    assert "host" not in mx.fields
+    found = mx.request_for("mx1.example.test", 25)
+    assert found == SessionRequest(
+        host="mx1.example.test",
+        port=25,
+        security="starttls",
+        trust="portable",
+        timeout=7.5,
+        retries=1,
+        target="example-mx",
+    )
+
+
+def test_defaults_and_targets_are_optional(tmp_path: Path) -> None:
+    assert load_targets(write(tmp_path, "")) == []
+    assert load_targets(write(tmp_path, "[defaults]\ntimeout = 3\n")) == []
+
+
+def test_parse_targets_names_its_source() -> None:
+    document = {"targets": [{"name": "a", "host": "a.example.test", "port": 0}]}
+    with pytest.raises(InvalidTargets, match=r"^inline: target 'a': port: "):
+        parse_targets(document, source="inline")
+
+
+def test_invalid_targets_is_a_value_error() -> None:
+    # Callers that only know "bad configuration" catch ValueError.
+    assert issubclass(InvalidTargets, ValueError)
+
+
+# ----------------------------------------------------------------------------- invalid files
+
+ONE_GOOD = """
+[[targets]]
+name = "good"
+host = "good.example.test"
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "target", "field", "problem"),
+    [
+        pytest.param(
+            ONE_GOOD + ONE_GOOD,
+            "target 'good'",
+            "name",
+            "used twice",
+            id="duplicate-names",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "lost"\nport = 587\n',
+            "target 'lost'",
+            "host",
+            "required",
+            id="neither-host-nor-domain",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "both"\nhost = "a.example.test"\ndomain = "example.test"\n',
+            "target 'both'",
+            "host",
+            "domain",
+            id="both-host-and-domain",
+        ),
+        pytest.param(
+            ONE_GOOD + '[[targets]]\nname = "bad-port"\nhost = "b.example.test"\nport = 70000\n',
+            "target 'bad-port'",
+            "port",
+            "less than or equal to 65535",
+            id="port-too-big",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "p"\nhost = "b.example.test"\nport = "587"\n',
+            "target 'p'",
+            "port",
+            "integer",
+            id="port-as-string",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "typo"\nhost = "b.example.test"\npasword = "x"\n',
+            "target 'typo'",
+            "pasword",
+            "unknown field",
+            id="unknown-field",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = 0\n',
+            "target 'i'",
+            "interval",
+            ">= 1",
+            id="interval-zero",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = "x"\n',
+            "target 'i'",
+            "interval",
+            ">= 1",
+            id="interval-string",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = true\n',
+            "target 'i'",
+            "interval",
+            ">= 1",
+            id="interval-bool",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = -5\n',
+            "target 'i'",
+            "interval",
+            ">= 1",
+            id="interval-negative",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = nan\n',
+            "target 'i'",
+            "interval",
+            ">= 1",
+            id="interval-nan",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = inf\n',
+            "target 'i'",
+            "interval",
+            ">= 1",
+            id="interval-inf",
+        ),
+        pytest.param(
+            ONE_GOOD + '[[targets]]\nhost = "nameless.example.test"\n',
+            "target #2",
+            "name",
+            "letters, digits",
+            id="missing-name-by-index",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "has space"\nhost = "b.example.test"\n',
+            "target #1",
+            "name",
+            "letters, digits",
+            id="bad-name-by-index",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "d"\ndomain = 42\n',
+            "target 'd'",
+            "domain",
+            "string",
+            id="domain-not-a-string",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "d"\ndomain = "exa mple.test"\n',
+            "target 'd'",
+            "domain",
+            "spaces",
+            id="domain-not-a-valid-name",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "h"\nhost = "bad host.example.test"\n',
+            "target 'h'",
+            "host",
+            "spaces",
+            id="host-not-a-valid-name",
+        ),
+        pytest.param(
+            "[defaults]\nretries = -1\n" + ONE_GOOD,
+            "target 'good'",
+            "retries",
+            "greater than or equal to 0",
+            id="bad-default-named-with-the-target-that-uses-it",
+        ),
+    ],
+)
+def test_invalid_target_is_named(
+    tmp_path: Path, text: str, target: str, field: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    message = refusal(path)
+    assert message.startswith(f"{path}: {target}: "), message
+    assert field in message.removeprefix(f"{path}: {target}: "), message
+    assert problem in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [
+        pytest.param('defaults = "fast"\n' + ONE_GOOD, "defaults", "table", id="defaults-string"),
+        pytest.param("defaults = [1, 2]\n", "defaults", "table", id="defaults-array"),
+        pytest.param("[defaults]\ninterval = 0\n", "defaults: interval", ">= 1", id="default-iv"),
+        pytest.param('targets = "x"\n', "targets", "array of tables", id="targets-not-array"),
+        pytest.param("targets = [1]\n", "target #1", "table", id="target-not-a-table"),
+        pytest.param("[target]\nx = 1\n", "unknown top-level key 'target'", "", id="unknown-key"),
+        pytest.param(
+            ONE_GOOD + "[schedule]\nx = 1\n",
+            "unknown top-level key 'schedule'",
+            "",
+            id="unknown-key-after-targets",
+        ),
+    ],
+)
+def test_invalid_file_level_is_named(tmp_path: Path, text: str, where: str, problem: str) -> None:
+    path = write(tmp_path, text)
+    message = refusal(path)
+    assert message.startswith(f"{path}: {where}"), message
+    assert problem in message, message
+
+
+def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[targets]]\nname = "a"\nhost = smtp.example.test\n')
+    message = refusal(path)
+    assert message.startswith(f"{path}: not valid TOML"), message
+    assert "line 3" in message, message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "targets.toml"
+    message = refusal(path)
+    assert message.startswith(f"{path}: cannot be read"), message
+    assert "No such file or directory" in message, message
+
+
+def test_directory_instead_of_file_is_named(tmp_path: Path) -> None:
+    message = refusal(tmp_path)
+    assert message.startswith(f"{tmp_path}: cannot be read"), message
+
+
+def test_binary_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "targets.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    assert refusal(path).startswith(f"{path}: not valid TOML")
+
+
+def test_first_problem_wins_and_nothing_is_half_loaded(tmp_path: Path) -> None:
+    # A bad third target refuses the whole file: a schedule is never built from part of it.
+    path = write(
+        tmp_path,
+        ONE_GOOD + '[[targets]]\nname = "b"\nhost = "b.example.test"\n'
+        '[[targets]]\nname = "c"\nhost = "c.example.test"\nsecurity = "ssl"\n',
+    )
+    message = refusal(path)
+    assert message.startswith(f"{path}: target 'c': security: "), message

@@ -1,0 +1,124 @@
+"""The targets file (TOML): named SMTP servers to health-check on a schedule."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import InvalidRequest, SessionWorkerError
+from tasks.request import NAME_PATTERN, SessionRequest, parse_request
+
+DEFAULT_INTERVAL = 60.0
+MIN_INTERVAL = 1.0
+_TARGET_ONLY = ("name", "interval", "domain")
+
+
+class InvalidTargets(SessionWorkerError, ValueError):
+    """The targets file cannot be used; the message names the file, target and field."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One configured target: a request template, checked every `interval` seconds.
+
+    `domain` targets have no host of their own: their hosts are discovered (SRV, then MX)
+    when they are checked, and `request` holds the domain as a placeholder host.
+    """
+
+    name: str
+    interval: float
+    request: SessionRequest
+    domain: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def request_for(self, host: str, port: int | None = None) -> SessionRequest:
+        """The request for one discovered host of a domain target."""
+        fields = {**self.fields, "host": host}
+        if port is not None and "port" not in self.fields:
+            fields["port"] = port
+        return parse_request(fields)
+
+
+def _interval(where: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < MIN_INTERVAL
+    ):
+        raise InvalidTargets(f"{where}: interval: must be a number of seconds >= {MIN_INTERVAL:g}")
+    return float(value)
+
+
+def _target(index: int, raw: object, defaults: Mapping[str, Any], source: str) -> Target:
+    where = f"{source}: target #{index}"
+    if not isinstance(raw, dict):
+        raise InvalidTargets(f"{where}: must be a table ([[targets]])")
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidTargets(f"{where}: name: must be 1-128 letters, digits, '_', '-' or '.'")
+    where = f"{source}: target {name!r}"
+    domain = raw.get("domain")
+    if domain is not None and "host" in raw:
+        raise InvalidTargets(f"{where}: give either host or domain, not both")
+    if domain is None and "host" not in raw:
+        raise InvalidTargets(f"{where}: host: is required (or domain, to discover the hosts)")
+    if domain is not None and not isinstance(domain, str):
+        raise InvalidTargets(f"{where}: domain: must be a string")
+    interval = _interval(where, raw.get("interval", defaults.get("interval", DEFAULT_INTERVAL)))
+    fields = {key: value for key, value in defaults.items() if key != "interval"}
+    fields |= {key: value for key, value in raw.items() if key not in _TARGET_ONLY}
+    fields["target"] = name
+    if domain is not None:
+        fields["host"] = domain
+    try:
+        request = parse_request(fields)
+    except InvalidRequest as exc:
+        # A domain stands in the host field only to validate the rest: name it as written.
+        field_name = "domain" if domain is not None and exc.field == "host" else exc.field
+        raise InvalidTargets(f"{where}: {field_name}: {exc.problem}") from None
+    if domain is not None:
+        del fields["host"]
+    return Target(name=name, interval=interval, request=request, domain=domain, fields=fields)
+
+
+def parse_targets(document: Mapping[str, Any], *, source: str = "targets") -> list[Target]:
+    """Validate a parsed targets document; raises InvalidTargets."""
+    unknown = set(document) - {"defaults", "targets"}
+    if unknown:
+        raise InvalidTargets(f"{source}: unknown top-level key {sorted(unknown)[0]!r}")
+    defaults = document.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise InvalidTargets(f"{source}: defaults: must be a table ([defaults])")
+    if "interval" in defaults:
+        _interval(f"{source}: defaults", defaults["interval"])
+    raw_targets = document.get("targets", [])
+    if not isinstance(raw_targets, list):
+        raise InvalidTargets(f"{source}: targets: must be an array of tables ([[targets]])")
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_targets, start=1):
+        target = _target(index, raw, defaults, source)
+        if target.name in seen:
+            raise InvalidTargets(f"{source}: target {target.name!r}: name is used twice")
+        seen.add(target.name)
+        targets.append(target)
+    return targets
+
+
+def load_targets(path: Path) -> list[Target]:
+    """Read and validate a targets file; raises InvalidTargets naming the problem."""
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise InvalidTargets(f"{path}: cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidTargets(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise InvalidTargets(f"{path}: not valid TOML (not UTF-8 text)") from None
+    return parse_targets(document, source=str(path))
