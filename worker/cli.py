@@ -12,16 +12,24 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
 from monitoring.logging import configure_logging
 from tasks.errors import ErrorCategory, InvalidRequest
 from tasks.outcome import Outcome
 from tasks.request import parse_request
 from tasks.session import MAX_BACKOFF, open_session, rejected
+from tasks.sweep import SweepSummary
+from tasks.sweep import sweep as run_sweep
+from tasks.trust_memory import TrustMemory
 from worker.settings import InvalidSettings, Settings, load_settings
+from worker.targets import InvalidTargets, load_targets
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -211,3 +219,70 @@ def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={settings.data_dir / 'beat-schedule'}"]
     app.worker_main(argv)
+
+
+def _sweep_table(summary: SweepSummary) -> Table:
+    table = Table(title=None, show_lines=False)
+    for column in ("target", "server", "ok", "error", "err_message", "time"):
+        table.add_column(column, overflow="fold")
+    for outcome in summary.outcomes:
+        server = f"{outcome.host}:{outcome.port}" if outcome.port else outcome.host
+        table.add_row(
+            outcome.target or "",
+            server,
+            "yes" if outcome.ok else "NO",
+            outcome.error.value if outcome.error else "",
+            outcome.err_message,
+            f"{outcome.timings.total:.2f} s" if outcome.timings.total is not None else "",
+        )
+    return table
+
+
+@main.command()
+@click.option(
+    "--targets",
+    "targets_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Targets file (default: $SMTP_SESSION_TARGETS).",
+)
+@click.option("--concurrency", type=click.IntRange(min=1), help="Sessions open at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep summary as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every attempt to stderr.")
+def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, verbose: bool) -> None:
+    """Check every configured target now, concurrently, in this process."""
+    settings = _settings_or_exit()
+    configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
+    path = targets_path or settings.targets
+    if path is None:
+        click.echo(
+            "smtp-session: no targets: pass --targets FILE or set SMTP_SESSION_TARGETS", err=True
+        )
+        sys.exit(EXIT_INVALID)
+    try:
+        targets = load_targets(path)
+    except InvalidTargets as exc:
+        click.echo(f"smtp-session: {exc}", err=True)
+        sys.exit(EXIT_INVALID)
+    items = [target.sweep_item() for target in targets]
+    show_progress = sys.stdout.isatty() and not as_json
+    with Progress(console=Console(stderr=True), transient=True, disable=not show_progress) as bar:
+        task = bar.add_task("checking", total=len(items))
+
+        def advance(_outcome: Outcome) -> None:
+            bar.advance(task)
+
+        summary = asyncio.run(
+            run_sweep(
+                items,
+                concurrency=concurrency or settings.sweep_concurrency,
+                trust_memory=TrustMemory(),
+                on_outcome=advance,
+            )
+        )
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+    else:
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        console.print(_sweep_table(summary))
+        console.print(f"{summary.ok} ok, {summary.failed} failed in {summary.duration_s:.2f} s")
+    sys.exit(EXIT_OK if summary.failed == 0 else EXIT_FAILED)

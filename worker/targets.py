@@ -11,6 +11,7 @@ from typing import Any
 
 from tasks.errors import InvalidRequest, SessionWorkerError
 from tasks.request import NAME_PATTERN, SessionRequest, parse_request
+from tasks.sweep import DomainCheck, SweepItem
 
 DEFAULT_INTERVAL = 60.0
 MIN_INTERVAL = 1.0
@@ -35,12 +36,11 @@ class Target:
     domain: str | None = None
     fields: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def request_for(self, host: str, port: int | None = None) -> SessionRequest:
-        """The request for one discovered host of a domain target."""
-        fields = {**self.fields, "host": host}
-        if port is not None and "port" not in self.fields:
-            fields["port"] = port
-        return parse_request(fields)
+    def sweep_item(self) -> SweepItem:
+        """What a sweep checks for this target: its request, or its domain to discover."""
+        if self.domain is not None:
+            return DomainCheck(self.domain, self.fields)
+        return self.request
 
 
 def _interval(where: str, value: object) -> float:

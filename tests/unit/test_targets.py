@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.request import SessionRequest
+from tasks.sweep import DomainCheck
 from worker.targets import DEFAULT_INTERVAL, InvalidTargets, Target, load_targets, parse_targets
 
 VALID = """
@@ -118,16 +119,21 @@ def test_domain_target_keeps_its_fields_for_each_discovered_host(
     assert mx.domain == "example.test"
     assert mx.request.target == "example-mx"
     assert "host" not in mx.fields
-    found = mx.request_for("mx1.example.test", 25)
-    assert found == SessionRequest(
-        host="mx1.example.test",
-        port=25,
-        security="starttls",
-        trust="portable",
-        timeout=7.5,
-        retries=1,
-        target="example-mx",
-    )
+    item = mx.sweep_item()
+    assert isinstance(item, DomainCheck)
+    assert item.domain == "example.test"
+    assert dict(item.fields) == {
+        "security": "starttls",
+        "trust": "portable",
+        "timeout": 7.5,
+        "retries": 1,
+        "target": "example-mx",
+    }
+
+
+def test_host_target_sweeps_its_request(targets: dict[str, Target]) -> None:
+    target = next(t for t in targets.values() if t.domain is None)
+    assert target.sweep_item() is target.request
 
 
 def test_defaults_and_targets_are_optional(tmp_path: Path) -> None:
