@@ -20,7 +20,9 @@ def _request_defaults(task: Task) -> dict[str, Any]:
     return settings.request_defaults() if settings is not None else {}
 
 
-def run_session_task(task: Task, fields: dict[str, Any]) -> dict[str, Any]:
+def run_session_task(
+    task: Task, fields: dict[str, Any], positional: tuple[Any, ...] = ()
+) -> dict[str, Any]:
     """One attempt per task run; a retryable failure with attempts left is re-scheduled.
 
     The retry goes back through the broker with a backoff countdown and the same task
@@ -30,6 +32,12 @@ def run_session_task(task: Task, fields: dict[str, Any]) -> dict[str, Any]:
     attempt = task.request.retries + 1
     structlog.contextvars.bind_contextvars(task_id=task.request.id, task_name=task.name)
     try:
+        if positional:
+            # `send_task(..., args=[...])` would otherwise be a TypeError inside Celery:
+            # a task failure where a caller's bad input must be an invalid_request result.
+            raise InvalidRequest(
+                "request", f"fields go in kwargs, not in positional args (got {len(positional)})"
+            )
         request, credentials = prepare({**_request_defaults(task), **fields})
     except InvalidRequest as exc:
         outcome = rejected(exc, fields)
@@ -57,6 +65,6 @@ def _started_at(task: Task) -> str:
 
 
 @shared_task(name=OPEN_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
-def open_session_task(self: Task, **fields: Any) -> dict[str, Any]:
+def open_session_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
     """Open one session with the request fields as kwargs; returns the Outcome dict."""
-    return run_session_task(self, fields)
+    return run_session_task(self, fields, args)
