@@ -9,6 +9,7 @@ from typing import Literal, TextIO
 import structlog
 
 LogFormat = Literal["json", "console"]
+BILLIARD_LOGGER = "multiprocessing"
 
 
 def configure_logging(
@@ -21,6 +22,7 @@ def configure_logging(
     output = sys.stderr if stream is None else stream
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -52,3 +54,9 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings become log records, in the same format
+    # billiard (the prefork pool) logs through its own non-propagating logger, which
+    # would otherwise fall through to Python's bare last-resort handler.
+    pool_logger = logging.getLogger(BILLIARD_LOGGER)
+    pool_logger.handlers[:] = [handler]
+    pool_logger.propagate = False

@@ -108,6 +108,13 @@ class SessionMetrics:
             registry=registry,
         )
 
+    def declare_targets(self, targets: Iterable[str]) -> None:
+        """Export zeros for configured targets, so rate() and increase() see their first event."""
+        for target in targets:
+            for result in ("success", "failure"):
+                self.tls_fallback.labels(target, result)
+            self.opens.labels(target, "success", "")
+
     def target_label(self, outcome: Outcome) -> str:
         target = outcome.target
         if target is None or (self.known_targets is not None and target not in self.known_targets):

@@ -3,21 +3,59 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Mapping
 from typing import Any
 
-import structlog
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 
+from monitoring.metrics import SessionMetrics
 from tasks.errors import InvalidRequest
-from tasks.session import RetryPolicy, log_attempt, prepare, rejected, run_attempt, utc_now
+from tasks.outcome import Outcome
+from tasks.request import SessionRequest
+from tasks.session import (
+    RetryPolicy,
+    prepare,
+    rejected,
+    report_outcome,
+    run_attempt,
+    utc_now,
+)
+from tasks.sweep import DomainCheck, SweepItem, SweepSummary, sweep
+from tasks.trust_memory import TrustMemory
 
 OPEN_TASK = "smtp_session.open"
+CHECK_TARGET_TASK = "smtp_session.check_target"
+SWEEP_TASK = "smtp_session.sweep"
 RETRY_POLICY = RetryPolicy()
+DEFAULT_SWEEP_CONCURRENCY = 100
+STARTED_AT_HEADER = "smtp_session_started_at"
+
+# One per pool process: what this process learnt about which servers need the portable store.
+_trust_memory = TrustMemory()
+
+
+def _conf(task: Task, name: str, default: Any) -> Any:
+    return getattr(task.app.conf, name, None) or default
 
 
 def _request_defaults(task: Task) -> dict[str, Any]:
-    settings = getattr(task.app.conf, "smtp_session_settings", None)
+    settings = _conf(task, "smtp_session_settings", None)
     return settings.request_defaults() if settings is not None else {}
+
+
+def _targets(task: Task) -> Mapping[str, SweepItem]:
+    targets: Mapping[str, SweepItem] = _conf(task, "smtp_session_targets", {})
+    return targets
+
+
+@functools.cache
+def _metrics(app: Celery) -> SessionMetrics:
+    # Created once per process (and app): the configured target names bound the labels.
+    targets: Mapping[str, SweepItem] = getattr(app.conf, "smtp_session_targets", None) or {}
+    metrics = SessionMetrics(known_targets=targets)
+    metrics.declare_targets(targets)
+    return metrics
 
 
 def run_session_task(
@@ -30,7 +68,7 @@ def run_session_task(
     one final result. A failed session is a result (`ok: false`), not a task failure.
     """
     attempt = task.request.retries + 1
-    structlog.contextvars.bind_contextvars(task_id=task.request.id, task_name=task.name)
+    metrics = _metrics(task.app)
     try:
         if positional:
             # `send_task(..., args=[...])` would otherwise be a TypeError inside Celery:
@@ -43,28 +81,90 @@ def run_session_task(
         outcome = rejected(exc, fields)
     else:
         outcome = asyncio.run(
-            run_attempt(request, credentials, attempt=attempt, started_at=_started_at(task))
+            run_attempt(
+                request,
+                credentials,
+                attempt=attempt,
+                started_at=_started_at(task),
+                trust_memory=_trust_memory,
+            )
         )
-        log_attempt(outcome, final=False)
+        report_outcome(outcome, final=False, metrics=metrics)
         if not outcome.ok and outcome.retryable and attempt <= request.retries:
             raise task.retry(
                 countdown=RETRY_POLICY.delay(attempt),
                 max_retries=request.retries,
-                headers={"smtp_session_started_at": outcome.started_at},
+                headers={STARTED_AT_HEADER: outcome.started_at},
             )
-    log_attempt(outcome, final=True)
+    report_outcome(outcome, final=True, metrics=metrics)
     return outcome.to_dict()
 
 
 def _started_at(task: Task) -> str:
     headers = task.request.headers or {}
-    started = headers.get("smtp_session_started_at") or getattr(
-        task.request, "smtp_session_started_at", None
-    )
+    started = headers.get(STARTED_AT_HEADER) or getattr(task.request, STARTED_AT_HEADER, None)
     return started if isinstance(started, str) else utc_now()
+
+
+def _unknown_target(name: object) -> Outcome:
+    problem = InvalidRequest("name", f"no target {name!r} in the targets file")
+    outcome = rejected(problem, {})
+    report_outcome(outcome, final=True, metrics=None)
+    return outcome
+
+
+def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
+    settings = _conf(task, "smtp_session_settings", None)
+    concurrency = settings.sweep_concurrency if settings else DEFAULT_SWEEP_CONCURRENCY
+    return asyncio.run(
+        sweep(
+            items,
+            concurrency=concurrency,
+            metrics=_metrics(task.app),
+            trust_memory=_trust_memory,
+        )
+    )
 
 
 @shared_task(name=OPEN_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
 def open_session_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
     """Open one session with the request fields as kwargs; returns the Outcome dict."""
     return run_session_task(self, fields, args)
+
+
+@shared_task(name=CHECK_TARGET_TASK, bind=True)  # type: ignore[untyped-decorator]  # untyped
+def check_target_task(self: Task, name: str) -> dict[str, Any]:
+    """Check one configured target; returns its Outcome dict.
+
+    A target given as a mail domain returns the sweep summary of its discovered hosts.
+    """
+    item = _targets(self).get(name) if isinstance(name, str) else None
+    if item is None:
+        return _unknown_target(name).to_dict()
+    if isinstance(item, DomainCheck):
+        return _run_sweep(self, [item]).to_dict()
+    return run_session_task(self, _fields(item))
+
+
+def _fields(request: SessionRequest) -> dict[str, Any]:
+    # Only what the targets file set: settings defaults still apply beneath, as for `open`.
+    return request.model_dump(exclude_unset=True)
+
+
+@shared_task(name=SWEEP_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
+def sweep_task(self: Task, names: list[str] | None = None) -> dict[str, Any]:
+    """Check the named targets (default: all) concurrently in this process."""
+    targets = _targets(self)
+    wanted = list(targets) if names is None else list(names)
+    unknown = [_unknown_target(name) for name in wanted if name not in targets]
+    summary = _run_sweep(self, [targets[name] for name in wanted if name in targets])
+    if not unknown:
+        return summary.to_dict()
+    merged = SweepSummary(
+        total=summary.total + len(unknown),
+        ok=summary.ok,
+        failed=summary.failed + len(unknown),
+        duration_s=summary.duration_s,
+        outcomes=[*summary.outcomes, *unknown],
+    )
+    return merged.to_dict()

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery import Celery
-
-from tasks.request import MAX_TIMEOUT
-from tasks.session import MAX_BACKOFF
+from monitoring.exporter import use_multiprocess_dir
 from worker.settings import Settings, load_settings
+
+# prometheus_client picks its multiprocess mode when first imported, so the directory is
+# named before anything below imports it; pool processes inherit it when they fork.
+_settings = load_settings()
+use_multiprocess_dir(_settings.data_dir / "metrics")
+
+from datetime import timedelta  # noqa: E402 - after the multiprocess directory is set
+from typing import Any  # noqa: E402
+
+from celery import Celery  # noqa: E402
+
+from tasks.celery_tasks import CHECK_TARGET_TASK  # noqa: E402
+from tasks.request import MAX_TIMEOUT  # noqa: E402
+from tasks.session import MAX_BACKOFF  # noqa: E402
+from worker import signals  # noqa: E402
+from worker.targets import Target, load_targets  # noqa: E402
 
 TIME_LIMIT_MARGIN = 30.0
 RESULT_EXPIRES = 24 * 3600
@@ -44,9 +55,27 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     return {"visibility_timeout": int(hard + MAX_BACKOFF + TIME_LIMIT_MARGIN)}
 
 
+def beat_schedule(targets: list[Target]) -> dict[str, dict[str, Any]]:
+    """One `smtp_session.check_target` entry per target, at the target's interval.
+
+    A check that waited longer than one interval in the queue expires instead of
+    running: after an outage the backlog drops stale checks rather than piling them up.
+    """
+    return {
+        f"check-target:{target.name}": {
+            "task": CHECK_TARGET_TASK,
+            "schedule": timedelta(seconds=target.interval),
+            "kwargs": {"name": target.name},
+            "options": {"expires": target.interval},
+        }
+        for target in targets
+    }
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured for at-least-once delivery of session checks."""
     settings = settings or load_settings()
+    targets = load_targets(settings.targets) if settings.targets is not None else []
     if not settings.result_backend:
         (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
     celery = Celery("smtp_session", include=["tasks.celery_tasks"])
@@ -76,9 +105,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_pool="prefork",
+        beat_schedule=beat_schedule(targets),
     )
     celery.conf.smtp_session_settings = settings
+    celery.conf.smtp_session_targets = {target.name: target.sweep_item() for target in targets}
+    signals.install(settings)
     return celery
 
 
-app = create_app()
+app = create_app(_settings)

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -210,15 +211,23 @@ def enqueue(
 def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
     """Run the Celery worker (prefork) with the metrics exporter."""
     settings = _settings_or_exit()
-    from worker.app import app
-
-    argv = ["worker", f"--loglevel={loglevel}", "--pool=prefork"]
+    if settings.targets is not None:
+        try:
+            load_targets(settings.targets)
+        except InvalidTargets as exc:
+            click.echo(f"smtp-session: {exc}", err=True)
+            sys.exit(EXIT_INVALID)
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker"]
+    argv += [f"--loglevel={loglevel}", "--pool=prefork"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     if beat:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={settings.data_dir / 'beat-schedule'}"]
-    app.worker_main(argv)
+    # A fresh interpreter, exactly as `celery -A worker.app worker` runs: prometheus_client
+    # must be imported after worker.app has named the multiprocess directory, and this
+    # process has imported it already.
+    os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, argv built above
 
 
 def _sweep_table(summary: SweepSummary) -> Table:

@@ -13,6 +13,7 @@ from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, MAX_RETRIES, MAX_TIM
 
 ENV_PREFIX = "SMTP_SESSION_"
 DEFAULT_METRICS_PORT = 9808
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the worker from elsewhere
 DEFAULT_SWEEP_CONCURRENCY = 100
 
 
@@ -35,12 +36,25 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".smtp-session")
     targets: Path | None = None
     metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
+    # Extension: ADDRESS:PORT for /metrics, overriding METRICS_PORT; port 0 picks a free port
+    # (the worker logs `metrics.listening` with the one it got).
+    metrics_listen: str | None = Field(default=None, pattern=r"^\[?[0-9A-Za-z.:-]+\]?:\d{1,5}$")
     log_format: Literal["json", "console"] = "json"
     trust: Trust = "auto"
     ca_file: Path | None = None
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)
     retries: int = Field(default=DEFAULT_RETRIES, ge=0, le=MAX_RETRIES)
     sweep_concurrency: int = Field(default=DEFAULT_SWEEP_CONCURRENCY, ge=1, le=10_000)
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """Where /metrics listens, or None when disabled (METRICS_PORT=0)."""
+        if self.metrics_listen is not None:
+            host, _, port = self.metrics_listen.rpartition(":")
+            return host.strip("[]"), int(port)
+        if self.metrics_port == 0:
+            return None
+        return DEFAULT_METRICS_ADDRESS, self.metrics_port
 
     @property
     def embedded_broker(self) -> bool:

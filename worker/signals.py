@@ -1,0 +1,98 @@
+"""Celery signal wiring: JSON logging, per-task log context, and the metrics exporter.
+
+Imported by worker.app, so it is active under `smtp-session worker` and under
+`celery -A worker.app worker` alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+from celery import signals
+from celery.apps import worker as celery_worker
+
+from monitoring.exporter import (
+    MULTIPROC_VARIABLE,
+    mark_process_dead,
+    start_exporter,
+    wipe_multiprocess_dir,
+)
+from monitoring.logging import configure_logging
+from worker.settings import Settings
+
+log = structlog.get_logger("smtp_session.worker")
+_installed: dict[str, Settings] = {}
+
+
+def install(settings: Settings) -> None:
+    """Give the receivers below the worker's settings (the receivers are always connected)."""
+    _installed["settings"] = settings
+
+
+def _current() -> Settings:
+    return _installed["settings"]
+
+
+def _say_as_log(message: str, file: Any = None) -> None:
+    # Celery writes its shutdown notices ("worker: Warm shutdown (MainProcess)") straight to
+    # the terminal; in JSON mode they become log events so no line is unparseable.
+    log.warning("celery.notice", message=str(message).strip())
+
+
+def _banner_as_log(self: celery_worker.Worker) -> None:
+    log.info("worker.starting", hostname=self.hostname, info=self.startup_info(artlines=False))
+
+
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Take over Celery's logging, early (celeryd_init comes before its first warnings):
+    Celery's, billiard's and Python's warnings all come out in our format."""
+    settings = _current()
+    level = logging.getLevelName(loglevel.upper()) if isinstance(loglevel, str) else loglevel
+    configure_logging(
+        settings.log_format,
+        level=level if isinstance(level, int) else logging.INFO,
+        stream=sys.stdout,
+    )
+    if settings.log_format == "json":
+        celery_worker.safe_say = _say_as_log
+        celery_worker.Worker.emit_banner = _banner_as_log
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _reset_metrics(sender: Any = None, **_: Any) -> None:
+    """Main process, before the pool forks: counters start from zero with the worker."""
+    directory = os.environ.get(MULTIPROC_VARIABLE)
+    if directory:
+        wipe_multiprocess_dir(Path(directory))
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    """Main process: one /metrics endpoint aggregating every pool process."""
+    listen = _current().listen_address
+    if listen is None:
+        log.info("metrics.disabled")
+        return
+    address, port = listen
+    server = start_exporter(address, port)
+    log.info("metrics.listening", address=address, port=server.server_port)
+
+
+@signals.task_prerun.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _bind_task_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    # Pool processes are reused: clear what the previous task bound before binding anew.
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id, task_name=getattr(task, "name", None))
+
+
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _forget_pool_process(pid: int | None = None, **_: Any) -> None:
+    if pid is not None and os.environ.get(MULTIPROC_VARIABLE):
+        mark_process_dead(pid)
