@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery, Task, shared_task
 
 from monitoring.metrics import SessionMetrics
+from tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
 from tasks.errors import InvalidRequest
 from tasks.outcome import Outcome
 from tasks.request import SessionRequest
@@ -24,9 +25,6 @@ from tasks.session import (
 from tasks.sweep import DomainCheck, SweepItem, SweepSummary, sweep
 from tasks.trust_memory import TrustMemory
 
-OPEN_TASK = "smtp_session.open"
-CHECK_TARGET_TASK = "smtp_session.check_target"
-SWEEP_TASK = "smtp_session.sweep"
 RETRY_POLICY = RetryPolicy()
 DEFAULT_SWEEP_CONCURRENCY = 100
 STARTED_AT_HEADER = "smtp_session_started_at"

@@ -15,25 +15,14 @@ from typing import Any  # noqa: E402
 
 from celery import Celery  # noqa: E402
 
-from tasks.celery_tasks import CHECK_TARGET_TASK  # noqa: E402
+from tasks.contract import CHECK_TARGET_TASK, time_limits  # noqa: E402
 from tasks.request import MAX_TIMEOUT  # noqa: E402
 from tasks.session import MAX_BACKOFF  # noqa: E402
 from worker import signals  # noqa: E402
 from worker.targets import Target, load_targets  # noqa: E402
 
-TIME_LIMIT_MARGIN = 30.0
 RESULT_EXPIRES = 24 * 3600
-
-
-def time_limits(timeout: float) -> tuple[float, float]:
-    """(soft, hard) seconds for one task run: one attempt of `timeout` seconds.
-
-    One attempt may open two connections (the trust fallback has its own deadline)
-    plus the report-only certificate fetch inside the second one's deadline.
-    The core enforces those deadlines itself; the limits only stop a bug.
-    """
-    soft = 2 * timeout + TIME_LIMIT_MARGIN
-    return soft, soft + TIME_LIMIT_MARGIN
+VISIBILITY_MARGIN = 60.0
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -52,7 +41,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     # acks a message stays unacknowledged while it runs, and a retry waits in the worker
     # as an ETA message for up to MAX_BACKOFF: the timeout must outlast both, or Redis
     # would hand a running task to a second worker.
-    return {"visibility_timeout": int(hard + MAX_BACKOFF + TIME_LIMIT_MARGIN)}
+    return {"visibility_timeout": int(hard + MAX_BACKOFF + VISIBILITY_MARGIN)}
 
 
 def beat_schedule(targets: list[Target]) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from monitoring.logging import configure_logging
+from tasks.contract import time_limits
 from tasks.errors import ErrorCategory, InvalidRequest
 from tasks.outcome import Outcome
 from tasks.request import parse_request
@@ -187,21 +188,21 @@ def enqueue(
     # Celery is imported only by the commands that talk to a broker: `check` starts fast.
     from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-    from tasks.celery_tasks import OPEN_TASK
-    from worker.app import app, time_limits
+    from worker.app import app
+    from worker.client import result, submit
 
-    soft, hard = time_limits(request.timeout)
-    result = app.send_task(OPEN_TASK, kwargs=fields, soft_time_limit=soft, time_limit=hard)
+    task_id = submit(app, **fields)
     if not wait:
-        click.echo(result.id)
+        click.echo(task_id)
         return
+    _, hard = time_limits(request.timeout)
     budget = wait_timeout or (request.retries + 1) * (hard + MAX_BACKOFF)
     try:
-        data = result.get(timeout=budget, propagate=True)
+        outcome = result(app, task_id, timeout=budget)
     except CeleryTimeoutError:
-        click.echo(f"smtp-session: no outcome for task {result.id} after {budget:.0f} s", err=True)
+        click.echo(f"smtp-session: no outcome for task {task_id} after {budget:.0f} s", err=True)
         sys.exit(EXIT_FAILED)
-    emit(Outcome.from_dict(data), as_json=as_json)
+    emit(outcome, as_json=as_json)
 
 
 @main.command()

@@ -289,21 +289,26 @@ WorkerFactory = Callable[..., WorkerProcess]
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
-    """``start_worker(env=..., celery_cli=False, concurrency=2)`` starts a worker.
+    """``start_worker(env=..., celery_cli=False, concurrency=2, beat=False)`` starts a worker.
 
     ``env`` is the whole environment (see :func:`worker_env`). With ``celery_cli`` the
-    worker is started as ``celery -A worker.app worker`` instead of ``smtp-session worker``.
+    worker is started as ``celery -A worker.app worker`` instead of ``smtp-session worker``;
+    with ``beat`` it embeds the beat scheduler (``smtp-session worker --beat``).
     Every worker started is killed at teardown, and the tail of its output printed.
     """
     workers: list[WorkerProcess] = []
 
     def start(
-        *, env: Mapping[str, str], celery_cli: bool = False, concurrency: int = 2
+        *,
+        env: Mapping[str, str],
+        celery_cli: bool = False,
+        concurrency: int = 2,
+        beat: bool = False,
     ) -> WorkerProcess:
         if celery_cli:
             argv = [str(BIN / "celery"), "-A", "worker.app", "worker", "--loglevel=INFO"]
         else:
-            argv = [str(BIN / "smtp-session"), "worker"]
+            argv = [str(BIN / "smtp-session"), "worker", *(["--beat"] if beat else [])]
         argv.append(f"--concurrency={concurrency}")
         worker = WorkerProcess(argv, env, tmp_path / f"worker-{len(workers)}.log")
         workers.append(worker)
