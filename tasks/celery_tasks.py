@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,13 +46,20 @@ def _targets(task: Task) -> Mapping[str, SweepItem]:
     return targets
 
 
-@functools.cache
+_process_metrics: list[SessionMetrics] = []
+
+
 def _metrics(app: Celery) -> SessionMetrics:
-    # Created once per process (and app): the configured target names bound the labels.
-    targets: Mapping[str, SweepItem] = getattr(app.conf, "smtp_session_targets", None) or {}
-    metrics = SessionMetrics(known_targets=targets)
-    metrics.declare_targets(targets)
-    return metrics
+    """This process's metrics, made on first use from the app's configured targets.
+
+    One per process: the metrics register in prometheus_client's process-wide registry.
+    """
+    if not _process_metrics:
+        targets: Mapping[str, SweepItem] = getattr(app.conf, "smtp_session_targets", None) or {}
+        metrics = SessionMetrics(known_targets=targets)
+        metrics.declare_targets(targets)
+        _process_metrics.append(metrics)
+    return _process_metrics[0]
 
 
 def run_session_task(

@@ -1,0 +1,103 @@
+"""The Celery tasks run in this process (Celery's eager mode) against loopback servers.
+
+The worker tests run the same tasks in a real worker subprocess; these reach the task
+code in-process, where a failing assertion points at the line, and cover its branches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import tasks.celery_tasks  # noqa: F401 - registers the tasks on every app
+from tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
+from tasks.request import parse_request
+from tests.servers import LOOPBACK, RawServerFactory, SmtpServerFactory
+from worker.settings import Settings
+
+EHLO_NAME = "client.example"
+
+
+@pytest.fixture
+def eager_app() -> Iterator[Celery]:
+    """An app whose tasks run inline, with worker-like settings and no broker."""
+    app = Celery("eager", set_as_current=True)
+    # Not propagating lets apply() run a retry inline, as a worker would run it later.
+    app.conf.update(task_always_eager=True, task_eager_propagates=False)
+    app.conf.smtp_session_settings = Settings(retries=0, timeout=5.0)
+    app.conf.smtp_session_targets = {}
+    yield app
+    app.close()
+
+
+async def run(app: Celery, task_name: str, **kwargs: Any) -> dict[str, Any]:
+    # The task calls asyncio.run(), so it runs in a thread while this loop serves; it is
+    # looked up here because Celery's "current app" is per thread.
+    task = app.tasks[task_name]
+    outcome = await asyncio.to_thread(lambda: task.apply(kwargs=kwargs).get())
+    assert isinstance(outcome, dict)
+    return outcome
+
+
+async def test_open_applies_settings_defaults_under_the_request(
+    eager_app: Celery, smtp_server_factory: SmtpServerFactory
+) -> None:
+    server = await smtp_server_factory(mode="plain")
+    outcome = await run(
+        eager_app,
+        OPEN_TASK,
+        host=LOOPBACK,
+        port=server.port,
+        security="plain",
+        ehlo_name=EHLO_NAME,
+    )
+    assert outcome["ok"]
+    assert outcome["attempts"] == 1
+
+
+async def test_open_retries_a_421_through_celery(
+    eager_app: Celery, raw_server_factory: RawServerFactory
+) -> None:
+    server = await raw_server_factory("banner_421")
+    outcome = await run(
+        eager_app, OPEN_TASK, host=LOOPBACK, port=server.port, security="plain", retries=1
+    )
+    assert (outcome["error"], outcome["attempts"]) == ("smtp_transient", 2)
+    assert server.connections_accepted == 2
+
+
+async def test_open_rejects_bad_kwargs_as_a_result(eager_app: Celery) -> None:
+    outcome = await run(eager_app, OPEN_TASK, host="x", port="25")
+    assert (outcome["error"], outcome["err_message"]) == (
+        "invalid_request",
+        "port: input should be a valid integer",
+    )
+
+
+async def test_check_target_and_sweep_by_name(
+    eager_app: Celery, smtp_server_factory: SmtpServerFactory
+) -> None:
+    server = await smtp_server_factory(mode="plain")
+    eager_app.conf.smtp_session_targets = {
+        "mx": parse_request(
+            {
+                "host": LOOPBACK,
+                "port": server.port,
+                "security": "plain",
+                "ehlo_name": EHLO_NAME,
+                "target": "mx",
+            }
+        )
+    }
+    outcome = await run(eager_app, CHECK_TARGET_TASK, name="mx")
+    assert (outcome["ok"], outcome["target"]) == (True, "mx")
+    missing = await run(eager_app, CHECK_TARGET_TASK, name="other")
+    assert missing["error"] == "invalid_request"
+    summary = await run(eager_app, SWEEP_TASK)
+    assert (summary["total"], summary["ok"]) == (1, 1)
+    summary = await run(eager_app, SWEEP_TASK, names=["mx", "other"])
+    assert (summary["total"], summary["ok"], summary["failed"]) == (2, 1, 1)
