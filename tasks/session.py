@@ -326,6 +326,17 @@ def _explain(
     return message, hint
 
 
+def _trust_modes(request: SessionRequest, *, needs_portable: bool) -> list[TrustMode | None]:
+    """The trust modes to try, in order: the second only after tls_untrusted."""
+    if request.effective_security == "plain":
+        return [None]
+    if request.trust == "auto":
+        # A server that needed the portable store last time starts there; it still counts
+        # as the fallback, and native gets its turn if portable no longer verifies it.
+        return ["portable", "native"] if needs_portable else ["native", "portable"]
+    return [request.trust]
+
+
 async def run_attempt(
     request: SessionRequest,
     credentials: Credentials | None,
@@ -346,15 +357,7 @@ async def run_attempt(
     security = request.effective_security
     memory_key = (request.connect_host, request.effective_port, request.ca_file)
     remembered = trust_memory is not None and trust_memory.needs_portable(memory_key)
-    modes: list[TrustMode | None]
-    if security == "plain":
-        modes = [None]
-    elif request.trust == "auto":
-        # A server that needed the portable store last time starts there; it still counts
-        # as the fallback, and native gets its turn if portable no longer verifies it.
-        modes = ["portable", "native"] if remembered else ["native", "portable"]
-    else:
-        modes = [request.trust]
+    modes = _trust_modes(request, needs_portable=remembered)
     for index, mode in enumerate(modes):
         connection = _Connection(request, credentials, mode, ehlo_name)
         failure = await connection.run()
