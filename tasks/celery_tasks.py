@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,14 +20,14 @@ from tasks.session import (
     rejected,
     report_outcome,
     run_attempt,
-    utc_now,
 )
 from tasks.sweep import DomainCheck, SweepItem, SweepSummary, sweep
 from tasks.trust_memory import TrustMemory
 
 RETRY_POLICY = RetryPolicy()
 DEFAULT_SWEEP_CONCURRENCY = 100
-STARTED_AT_HEADER = "smtp_session_started_at"
+# Unix time the request's first attempt began: a retry's outcome covers the whole request.
+STARTED_HEADER = "smtp_session_started"
 
 # One per pool process: what this process learnt about which servers need the portable store.
 _trust_memory = TrustMemory()
@@ -49,7 +50,7 @@ def _targets(task: Task) -> Mapping[str, SweepItem]:
 _process_metrics: list[SessionMetrics] = []
 
 
-def _metrics(app: Celery) -> SessionMetrics:
+def process_metrics(app: Celery) -> SessionMetrics:
     """This process's metrics, made on first use from the app's configured targets.
 
     One per process: the metrics register in prometheus_client's process-wide registry.
@@ -72,7 +73,8 @@ def run_session_task(
     one final result. A failed session is a result (`ok: false`), not a task failure.
     """
     attempt = task.request.retries + 1
-    metrics = _metrics(task.app)
+    started = _started(task)
+    metrics = process_metrics(task.app)
     try:
         if positional:
             # `send_task(..., args=[...])` would otherwise be a TypeError inside Celery:
@@ -89,7 +91,7 @@ def run_session_task(
                 request,
                 credentials,
                 attempt=attempt,
-                started_at=_started_at(task),
+                started=started,
                 trust_memory=_trust_memory,
             )
         )
@@ -98,16 +100,16 @@ def run_session_task(
             raise task.retry(
                 countdown=RETRY_POLICY.delay(attempt),
                 max_retries=request.retries,
-                headers={STARTED_AT_HEADER: outcome.started_at},
+                headers={STARTED_HEADER: started},
             )
     report_outcome(outcome, final=True, metrics=metrics)
     return outcome.to_dict()
 
 
-def _started_at(task: Task) -> str:
+def _started(task: Task) -> float:
     headers = task.request.headers or {}
-    started = headers.get(STARTED_AT_HEADER) or getattr(task.request, STARTED_AT_HEADER, None)
-    return started if isinstance(started, str) else utc_now()
+    started = headers.get(STARTED_HEADER) or getattr(task.request, STARTED_HEADER, None)
+    return float(started) if isinstance(started, int | float) else time.time()
 
 
 def _unknown_target(name: object) -> Outcome:
@@ -124,7 +126,7 @@ def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
         sweep(
             items,
             concurrency=concurrency,
-            metrics=_metrics(task.app),
+            metrics=process_metrics(task.app),
             trust_memory=_trust_memory,
         )
     )

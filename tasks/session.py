@@ -10,6 +10,7 @@ import contextlib
 import random
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,8 +68,12 @@ async def local_hostname() -> str:
     return _local_fqdn
 
 
+def utc_iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_iso(time.time())
 
 
 class _Connection:
@@ -342,17 +347,16 @@ async def run_attempt(
     credentials: Credentials | None,
     *,
     attempt: int,
-    started_at: str,
-    clock_start: float | None = None,
+    started: float | None = None,
     trust_memory: TrustMemory | None = None,
 ) -> Outcome:
     """One attempt: a connection, plus the portable retry when native trust refused the chain.
 
     The fallback is a second connection with its own deadline; it is not an attempt.
-    `clock_start` (loop time) makes `timings.total` cover earlier attempts too.
+    `started` (Unix time the request began) makes `timings.total` and `started_at` cover
+    the earlier attempts and their backoff too.
     """
-    loop = asyncio.get_running_loop()
-    begun = loop.time() if clock_start is None else clock_start
+    started = time.time() if started is None else started
     ehlo_name = request.ehlo_name or await local_hostname()
     security = request.effective_security
     memory_key = (request.connect_host, request.effective_port, request.ca_file)
@@ -400,9 +404,9 @@ async def run_attempt(
         tls=None if security == "plain" else connection.tls_info(fallback=fallback, cert=cert),
         server=connection.server,
         authenticated=connection.authenticated,
-        timings=Timings(**connection.timings, total=round(loop.time() - begun, 6)),
+        timings=Timings(**connection.timings, total=round(time.time() - started, 6)),
         attempts=attempt,
-        started_at=started_at,
+        started_at=utc_iso(started),
     )
 
 
@@ -477,12 +481,11 @@ async def open_session(
     Never raises for a failed session or bad input: the Outcome says what happened.
     Each attempt and the final outcome are logged, and counted in `metrics` if given.
     """
-    started_at = utc_now()
-    clock_start = asyncio.get_running_loop().time()
+    started = time.time()
     try:
         session_request, credentials = prepare(request, environ)
     except InvalidRequest as exc:
-        outcome = rejected(exc, request, started_at=started_at)
+        outcome = rejected(exc, request, started_at=utc_iso(started))
         report_outcome(outcome, final=True, metrics=metrics)
         return outcome
     attempt = 1
@@ -491,8 +494,7 @@ async def open_session(
             session_request,
             credentials,
             attempt=attempt,
-            started_at=started_at,
-            clock_start=clock_start,
+            started=started,
             trust_memory=trust_memory,
         )
         report_outcome(outcome, final=False, metrics=metrics)

@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: trustme certificates and loopback servers.
+"""Fixtures shared by every test: trustme certificates, loopback servers, Prometheus.
 
 Certificates are made in memory once per test session; only the CA certificate is
 written to disk, into a pytest temporary directory, for tests that need a ``ca_file``.
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import trustme
 
 from tasks.trust import forget_contexts
+from tests.prometheus import PrometheusFactory
 from tests.servers import (
     EXPIRED_NOT_AFTER,
     EXPIRED_NOT_BEFORE,
@@ -118,3 +120,16 @@ def refused_port() -> Iterator[tuple[str, int]]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         yield LOOPBACK, int(sock.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- Prometheus
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[PrometheusFactory]:
+    """``prometheus_factory(targets=[...])`` starts a Prometheus; all stop after the test."""
+    factory = PrometheusFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()

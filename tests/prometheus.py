@@ -77,6 +77,16 @@ def has_number(results: Sequence[Result]) -> bool:
     return any(not math.isnan(value) for value in values(results))
 
 
+def alert_subjects(alerts: Sequence[Result]) -> dict[str, set[str]]:
+    """``ALERTS`` series (pending and firing) as {alertname: {target, or else instance}}."""
+    subjects: dict[str, set[str]] = {}
+    for result in alerts:
+        labels = result["metric"]
+        subject = labels.get("target") or labels["instance"]
+        subjects.setdefault(labels["alertname"], set()).add(subject)
+    return subjects
+
+
 def config_for_tests(
     targets: Sequence[str], *, rule_files: Sequence[Path] = (RULES,), source: Path = CONFIG
 ) -> dict[str, Any]:

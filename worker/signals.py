@@ -23,6 +23,7 @@ from monitoring.exporter import (
     wipe_multiprocess_dir,
 )
 from monitoring.logging import configure_logging
+from tasks.celery_tasks import process_metrics
 from worker.settings import Settings
 
 log = structlog.get_logger("smtp_session.worker")
@@ -80,6 +81,10 @@ def _serve_metrics(sender: Any = None, **_: Any) -> None:
     if listen is None:
         log.info("metrics.disabled")
         return
+    app = getattr(sender, "app", None)
+    if app is not None:
+        # Configured targets show zeros from the start, not from their first check.
+        process_metrics(app)
     address, port = listen
     server = start_exporter(address, port)
     log.info("metrics.listening", address=address, port=server.server_port)

@@ -33,6 +33,7 @@ from tests.prometheus import (
     RULES_TEST,
     PrometheusFactory,
     Result,
+    alert_subjects,
     dashboard_queries,
     has_number,
     promtool,
@@ -42,16 +43,6 @@ GRAFANA = Path(dashboard_code.__file__).resolve().parent
 SEVERITIES = {"critical", "warning"}
 SCRAPE_ALERT = "SmtpSessionMetricsAbsent"
 DATA_TIMEOUT = 20.0
-
-
-@pytest.fixture
-def prometheus_factory(tmp_path: Path) -> Iterator[PrometheusFactory]:
-    """``prometheus_factory(targets=[...])`` starts a Prometheus; all stop after the test."""
-    factory = PrometheusFactory(tmp_path)
-    try:
-        yield factory
-    finally:
-        factory.close()
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -342,16 +333,6 @@ def _total_opens(expected: int) -> Callable[[list[Result]], bool]:
     return lambda results: bool(results) and float(results[0]["value"][1]) == expected
 
 
-def _alerts_by_name(alerts: list[Result]) -> dict[str, set[str]]:
-    """ALERTS series (pending and firing) as {alertname: {target, or instance}}."""
-    subjects: dict[str, set[str]] = {}
-    for result in alerts:
-        labels = result["metric"]
-        subject = labels.get("target") or labels["instance"]
-        subjects.setdefault(labels["alertname"], set()).add(subject)
-    return subjects
-
-
 def test_every_expression_returns_data_from_a_scraped_exporter(
     prometheus_factory: PrometheusFactory,
     stand_in_exporter: StandInExporter,
@@ -392,7 +373,7 @@ def test_every_expression_returns_data_from_a_scraped_exporter(
         "SmtpSessionNoRecentSuccess": {"stale"},
     }
     prometheus.wait_for(
-        "ALERTS", lambda alerts: _alerts_by_name(alerts) == expected, timeout=DATA_TIMEOUT
+        "ALERTS", lambda alerts: alert_subjects(alerts) == expected, timeout=DATA_TIMEOUT
     )
 
     # Every rule evaluated cleanly, and its query (an alert's condition included) has data.
