@@ -104,6 +104,7 @@ def config_for_tests(
     for job in config["scrape_configs"]:
         job["scrape_interval"] = TEST_INTERVAL
         job["scrape_timeout"] = TEST_INTERVAL
+    jobs[0].pop("dns_sd_configs", None)  # the compose service name means nothing here
     jobs[0]["static_configs"] = [{"targets": list(targets)}]
     return config
 

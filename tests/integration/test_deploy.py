@@ -344,8 +344,9 @@ def test_compose_prometheus_scrapes_the_worker_and_grafana_reads_prometheus(
     services = compose["services"]
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text("utf-8"))
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == JOB]
-    (target,) = [t for static in job["static_configs"] for t in static["targets"]]
-    host, _, port = target.partition(":")
+    (discovery,) = job["dns_sd_configs"]  # every replica of the worker service
+    (host,) = discovery["names"]
+    port = str(discovery["port"])
     assert host == "worker" and host in services
     metrics_port = services["worker"]["environment"].get(
         ENV_PREFIX + "METRICS_PORT", DEFAULT_METRICS_PORT

@@ -83,7 +83,9 @@ def test_config_scrapes_the_job_the_rules_watch() -> None:
     assert config["rule_files"] == ["rules.yml"]
     (job,) = config["scrape_configs"]
     assert job["job_name"] == JOB
-    assert job["static_configs"] == [{"targets": ["worker:9808"]}]
+    assert job["dns_sd_configs"] == [
+        {"names": ["worker"], "type": "A", "port": 9808, "refresh_interval": "30s"}
+    ]
     assert job["scrape_interval"] == "15s"
     absent = next(rule for rule in _rules("alert") if rule["alert"] == SCRAPE_ALERT)
     assert f'job="{JOB}"' in absent["expr"]
