@@ -8,21 +8,15 @@ child talks to it. Every run gets a clean environment (no inherited
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
-import os
 import re
-import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tests.cli import cli_env, log_events, run_cli
 from tests.servers import (
     LOOPBACK,
     RawServerFactory,
@@ -30,79 +24,10 @@ from tests.servers import (
     leaf_certificate,
 )
 
-CLI = Path(sys.executable).parent / "smtp-session"
-#: Bound on one CLI run: start-up is ~0.5 s; every session below is a few seconds at most.
-CLI_RUN_TIMEOUT = 30.0
 #: Keeps the child off DNS for its EHLO name (socket.getfqdn may be slow in a sandbox).
 EHLO = ("--ehlo-name", "client.example")
-ENV_PREFIX = "SMTP_SESSION_"
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class CliRun:
-    """What one `smtp-session` process did."""
-
-    code: int
-    stdout: str
-    stderr: str
-    elapsed: float
-
-    def json(self) -> dict[str, Any]:
-        """The one JSON document stdout must hold with --json (and nothing else)."""
-        lines = self.stdout.splitlines()
-        assert len(lines) == 1, f"expected one line of JSON on stdout, got {self.stdout!r}"
-        document = json.loads(lines[0])
-        assert isinstance(document, dict)
-        return document
-
-
-def cli_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without SMTP_SESSION_*, plus a private data dir."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env[ENV_PREFIX + "DATA_DIR"] = str(tmp_path / "data")
-    env.update(extra or {})
-    return env
-
-
-async def run_cli(*args: str, env: Mapping[str, str]) -> CliRun:
-    """Run `smtp-session ARGS` to completion (bounded), serving the loop meanwhile."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    process = await asyncio.create_subprocess_exec(
-        str(CLI),
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(env),
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_RUN_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return CliRun(
-        code=process.returncode,
-        stdout=stdout.decode("utf-8", "replace"),
-        stderr=stderr.decode("utf-8", "replace"),
-        elapsed=loop.time() - started,
-    )
-
-
-def log_events(stderr: str) -> list[dict[str, Any]]:
-    """The JSON log objects on stderr (every non-empty line must be one)."""
-    events = []
-    for line in stderr.splitlines():
-        if line.strip():
-            event = json.loads(line)
-            assert isinstance(event, dict), line
-            events.append(event)
-    return events
 
 
 # ----------------------------------------------------------------------------- success

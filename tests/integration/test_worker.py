@@ -16,9 +16,7 @@ import os
 import re
 import secrets
 import signal
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +24,7 @@ import pytest
 from celery import Celery
 
 from tasks.outcome import Outcome
+from tests.cli import run_cli
 from tests.integration.conftest import (
     START_TIMEOUT,
     RedisServer,
@@ -38,16 +37,12 @@ from tests.integration.conftest import (
 from tests.servers import RawServerFactory, SmtpServerFactory
 
 OPEN_TASK = "smtp_session.open"  # the public task name, spelled as a web backend would
-CLI = Path(sys.executable).parent / "smtp-session"
 BROKER_URL = "SMTP_SESSION_BROKER_URL"
 #: Keeps the worker off DNS for its EHLO name (socket.getfqdn may be slow in a sandbox).
 EHLO_NAME = "client.example"
 #: Bound on waiting for one task's result. The slowest task below is a killed run plus a
 #: re-delivered 3 s timeout; a 421 with two retries takes at most 1 s + 2 s of backoff.
 RESULT_TIMEOUT = 30.0
-#: Bound on one `smtp-session enqueue --wait` run, worker start-up on the embedded
-#: broker (its polling interval is 1 s) included.
-CLI_RUN_TIMEOUT = 60.0
 #: Per-attempt deadline for sessions meant to hang (a silent server): short, but long
 #: enough to find the running task and kill its pool process first.
 HANG_TIMEOUT = 3.0
@@ -96,33 +91,6 @@ def redis_worker(
 
 
 # ----------------------------------------------------------------------------- embedded broker
-
-
-@dataclass(frozen=True)
-class CliRun:
-    code: int
-    stdout: str
-    stderr: str
-
-
-async def run_cli(*args: str, env: dict[str, str]) -> CliRun:
-    """Run `smtp-session ARGS` to completion (bounded), serving the loop meanwhile."""
-    process = await asyncio.create_subprocess_exec(
-        str(CLI),
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_RUN_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return CliRun(process.returncode, stdout.decode(), stderr.decode())
 
 
 async def test_embedded_broker_enqueue_wait_prints_the_outcome(
