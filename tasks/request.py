@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -36,6 +37,7 @@ def _is_ip_literal(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def _ascii_host(host: str) -> str:
     """The name to connect to: an IP literal as is, a DNS name as its IDNA (A-label) form."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import random
 import socket
 import ssl
@@ -74,6 +75,22 @@ def utc_iso(timestamp: float) -> str:
 
 def utc_now() -> str:
     return utc_iso(time.time())
+
+
+_AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
+
+
+def _literal_address(host: str, port: int) -> list[_AddressInfo] | None:
+    """An IP literal's socket address without the resolver's thread (None for a name)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if address.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    if "%" in host:
+        return None  # a scoped IPv6 address: let getaddrinfo turn the scope into an index
+    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
 
 
 class _Connection:
@@ -157,9 +174,14 @@ class _Connection:
     async def _session(self) -> None:
         request = self.request
         self._enter(Stage.RESOLVE)
-        addresses = await self._loop.getaddrinfo(
-            request.connect_host, request.effective_port, type=socket.SOCK_STREAM
+        addresses: list[_AddressInfo] | None = _literal_address(
+            request.connect_host, request.effective_port
         )
+        if addresses is None:
+            resolved = await self._loop.getaddrinfo(
+                request.connect_host, request.effective_port, type=socket.SOCK_STREAM
+            )
+            addresses = [(int(f), int(k), p, name, tuple(a)) for f, k, p, name, a in resolved]
         self._enter(Stage.CONNECT)
         connect_deadline = self._loop.time() + request.effective_connect_timeout
         sock = await self._open_socket(addresses, connect_deadline)
@@ -200,7 +222,9 @@ class _Connection:
             await self._bounded(Stage.QUIT, smtp.quit(), command_timeout)
         self._enter(Stage.DONE)
 
-    async def _open_socket(self, addresses: list[Any], connect_deadline: float) -> socket.socket:
+    async def _open_socket(
+        self, addresses: list[_AddressInfo], connect_deadline: float
+    ) -> socket.socket:
         last_error: OSError = OSError("no address to connect to")
         for family, kind, proto, _name, sockaddr in addresses:
             self.address = str(sockaddr[0])
