@@ -1,0 +1,264 @@
+"""Overhead of the session core: open_session vs a bare aiosmtplib loop, same run.
+
+Against one aiosmtpd server process (plain and STARTTLS) on loopback, three clients
+take turns, round by round, in a rotating order so that drift on a shared machine
+hits all of them alike:
+
+* ``raw``: aiosmtplib connect / EHLO / (STARTTLS / EHLO) / QUIT, nothing else;
+* ``core``: ``open_session`` as a library call (logging at WARNING, no metrics);
+* ``deployed``: ``open_session`` as the worker runs it: INFO JSON log lines (to
+  /dev/null) and Prometheus metrics recorded into a registry.
+
+The TLS context is the same object for all three: the portable-trust context with
+the throwaway CA in ``ca_file`` (trust=portable: no native-store fallback).
+Reported: sessions per second and client CPU per session (this process only; the
+server has its own process), and the ratios ours/raw. Goal: ratio >= 0.9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtplib import SMTP
+from prometheus_client import CollectorRegistry
+
+from bench.common import (
+    EHLO_NAME,
+    LOOPBACK,
+    cpu_seconds,
+    make_pki,
+    print_table,
+    ratio,
+    server_process,
+    write_result,
+)
+from monitoring.logging import configure_logging
+from monitoring.metrics import SessionMetrics
+from tasks.session import open_session
+from tasks.trust import verifying_context
+
+NAME = "core_overhead"
+MODES = ("plain", "starttls")
+CONCURRENCIES = (1, 10)
+VARIANTS = ("raw", "core", "deployed")
+ROUNDS = 8
+#: Sessions per client per round, sized for ~0.3-0.6 s rounds on a 2-core machine.
+SESSIONS_PER_ROUND = {"plain": 200, "starttls": 80}
+WARMUP_SESSIONS = 20
+GOAL = 0.9
+SESSION_TIMEOUT = 10.0
+
+Session = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class Tally:
+    sessions: int = 0
+    failed: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+    round_rates: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return ratio(self.sessions, self.wall)
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * ratio(self.cpu, self.sessions)
+
+
+def raw_session(port: int, *, starttls: bool, ca_file: str) -> Session:
+    context = verifying_context("portable", ca_file)
+
+    async def session() -> bool:
+        smtp = SMTP(
+            hostname=LOOPBACK,
+            port=port,
+            local_hostname=EHLO_NAME,
+            use_tls=False,
+            start_tls=False,
+            tls_context=context,
+            timeout=SESSION_TIMEOUT,
+        )
+        await smtp.connect()
+        await smtp.ehlo()
+        if starttls:
+            await smtp.starttls(tls_context=context)
+            await smtp.ehlo()
+        await smtp.quit()
+        return True
+
+    return session
+
+
+def our_session(
+    port: int, *, starttls: bool, ca_file: str, metrics: SessionMetrics | None
+) -> Session:
+    fields: dict[str, Any] = {
+        "host": LOOPBACK,
+        "port": port,
+        "security": "starttls" if starttls else "plain",
+        "trust": "portable",
+        "ca_file": ca_file,
+        "ehlo_name": EHLO_NAME,
+        "retries": 0,
+        "timeout": SESSION_TIMEOUT,
+    }
+
+    async def session() -> bool:
+        # A fresh dict per call, as task kwargs arrive: validation is part of the cost.
+        outcome = await open_session(dict(fields), metrics=metrics)
+        return outcome.ok
+
+    return session
+
+
+def configure_for(variant: str, sink: Any) -> None:
+    """Logging as each client runs: quiet for the library call, INFO JSON when deployed."""
+    level = logging.INFO if variant == "deployed" else logging.WARNING
+    configure_logging("json", level=level, stream=sink)
+
+
+async def run_round(session: Session, count: int, concurrency: int) -> tuple[int, float, float]:
+    """`count` sessions, `concurrency` at a time; (failed, wall seconds, CPU seconds)."""
+    remaining = itertools.count()
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        while next(remaining) < count:
+            if not await session():
+                failed += 1
+
+    cpu = cpu_seconds()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return failed, time.perf_counter() - started, cpu_seconds() - cpu
+
+
+async def measure(ports: dict[str, list[int]], ca_file: str, sink: Any) -> list[dict[str, Any]]:
+    metrics = SessionMetrics(registry=CollectorRegistry())
+    cases: list[dict[str, Any]] = []
+    for mode, concurrency in itertools.product(MODES, CONCURRENCIES):
+        port = ports[mode][0]
+        starttls = mode == "starttls"
+        clients: dict[str, Session] = {
+            "raw": raw_session(port, starttls=starttls, ca_file=ca_file),
+            "core": our_session(port, starttls=starttls, ca_file=ca_file, metrics=None),
+            "deployed": our_session(port, starttls=starttls, ca_file=ca_file, metrics=metrics),
+        }
+        tallies = {variant: Tally() for variant in VARIANTS}
+        for variant in VARIANTS:  # warm-up: contexts cached, imports done, pools primed
+            configure_for(variant, sink)
+            await run_round(clients[variant], WARMUP_SESSIONS, concurrency)
+        count = SESSIONS_PER_ROUND[mode]
+        for number in range(ROUNDS):
+            shift = number % len(VARIANTS)
+            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+                configure_for(variant, sink)
+                failed, wall, cpu = await run_round(clients[variant], count, concurrency)
+                tally = tallies[variant]
+                tally.sessions += count
+                tally.failed += failed
+                tally.wall += wall
+                tally.cpu += cpu
+                tally.round_rates.append(count / wall)
+        raw = tallies["raw"]
+        case: dict[str, Any] = {"mode": mode, "concurrency": concurrency}
+        for variant, tally in tallies.items():
+            case[variant] = {
+                "sessions": tally.sessions,
+                "failed": tally.failed,
+                "sessions_per_s": round(tally.rate, 1),
+                "cpu_ms_per_session": round(tally.cpu_ms, 3),
+                "round_rates": [round(rate, 1) for rate in tally.round_rates],
+            }
+            if variant != "raw":
+                case[variant]["ratio_rate"] = round(ratio(tally.rate, raw.rate), 3)
+                case[variant]["ratio_cpu"] = round(ratio(raw.cpu_ms, tally.cpu_ms), 3)
+                # Each round's own ratio, then the median: robust to a noisy neighbour.
+                paired = [
+                    ours / theirs
+                    for ours, theirs in zip(tally.round_rates, raw.round_rates, strict=True)
+                ]
+                case[variant]["ratio_rate_median_round"] = round(statistics.median(paired), 3)
+        cases.append(case)
+        print(f"  {mode:8} c={concurrency:<3} done", flush=True)
+    return cases
+
+
+def report(cases: list[dict[str, Any]]) -> None:
+    rows = [
+        [
+            case["mode"],
+            case["concurrency"],
+            case["raw"]["sessions_per_s"],
+            case["core"]["sessions_per_s"],
+            case["deployed"]["sessions_per_s"],
+            case["core"]["ratio_rate"],
+            case["core"]["ratio_rate_median_round"],
+            case["deployed"]["ratio_rate"],
+            case["deployed"]["ratio_rate_median_round"],
+            case["raw"]["cpu_ms_per_session"],
+            case["core"]["cpu_ms_per_session"],
+            case["deployed"]["cpu_ms_per_session"],
+            sum(case[variant]["failed"] for variant in VARIANTS),
+        ]
+        for case in cases
+    ]
+    print_table(
+        f"open_session vs bare aiosmtplib ({ROUNDS} interleaved rounds per client)",
+        [
+            "mode",
+            "conc",
+            "raw/s",
+            "core/s",
+            "deployed/s",
+            "core/raw",
+            "(median round)",
+            "deployed/raw",
+            "(median round)",
+            "raw cpu ms",
+            "core cpu ms",
+            "deployed cpu ms",
+            "failed",
+        ],
+        rows,
+    )
+    worst = min(min(case["core"]["ratio_rate"], case["deployed"]["ratio_rate"]) for case in cases)
+    verdict = "meets" if worst >= GOAL else "misses"
+    print(f"\nworst rate ratio ours/raw: {worst:.3f} ({verdict} the goal >= {GOAL})")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-core-") as folder, open(os.devnull, "w") as sink:
+        pki = make_pki(Path(folder))
+        args = ["--plain", "1", "--starttls", "1", "--chain", str(pki.server_chain)]
+        with server_process(args, Path(folder) / "server.log") as server:
+            print(f"aiosmtpd server process {server.pid}: {server.ports}")
+            cases = asyncio.run(measure(server.ports, str(pki.ca_file), sink))
+    report(cases)
+    write_result(
+        NAME,
+        {
+            "goal_ratio": GOAL,
+            "rounds": ROUNDS,
+            "sessions_per_round": SESSIONS_PER_ROUND,
+            "cases": cases,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
