@@ -6,9 +6,12 @@ Imported by worker.app, so it is active under `smtp-session worker` and under
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,20 @@ def _current() -> Settings:
 
 def _say_as_log(message: str, file: Any = None) -> None:
     # Celery writes its shutdown notices ("worker: Warm shutdown (MainProcess)") straight to
-    # the terminal; in JSON mode they become log events so no line is unparseable.
-    log.warning("celery.notice", message=str(message).strip())
+    # the terminal from its signal handlers; in JSON mode they become JSON lines too. Still
+    # one os.write and no logging call: a signal handler must not wait for the logging
+    # lock that the code it interrupted may hold.
+    event = {
+        "event": "celery.notice",
+        "message": str(message).strip(),
+        "logger": "celery.apps.worker",
+        "level": "warning",
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
+    stream = file if file is not None and hasattr(file, "fileno") else sys.__stdout__
+    if stream is not None:
+        with contextlib.suppress(OSError, ValueError):
+            os.write(stream.fileno(), (json.dumps(event) + "\n").encode())
 
 
 def _banner_as_log(self: celery_worker.Worker) -> None:
