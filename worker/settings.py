@@ -62,7 +62,8 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # A host name, even though the transport has no server: kombu warns without one.
+        return self.broker_url or "filesystem://localhost//"
 
     @property
     def effective_result_backend(self) -> str:
