@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import os
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -89,13 +88,6 @@ class SessionRequest(BaseModel):
         ):
             raise ValueError(f"{host!r} is not a valid host name")
         return host
-
-    @field_validator("ca_file")
-    @classmethod
-    def _check_ca_file(cls, path: str | None) -> str | None:
-        if path is not None and not os.path.isfile(path):
-            raise ValueError(f"{path!r} is not a readable file")
-        return path
 
     @field_validator("credentials", "target")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -36,7 +37,7 @@ def _parse(name: str, raw: str) -> Credentials:
     if text.startswith("{"):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise InvalidRequest(
                 "credentials", f"secret {name!r} starts with '{{' but is not valid JSON"
             ) from None
@@ -78,3 +79,28 @@ def resolve_credentials(name: str, environ: Mapping[str, str] | None = None) -> 
                 "credentials", f"secret file {name!r} is unreadable ({type(exc).__name__})"
             ) from None
     return _parse(name, value)
+
+
+def _secret_forms(credentials: Credentials) -> list[str]:
+    """The secret as written and as AUTH PLAIN, LOGIN and XOAUTH2 put it on the wire."""
+    forms: list[str] = []
+    user = credentials.username
+    if credentials.password:
+        forms += [
+            credentials.password,
+            base64.b64encode(f"\0{user}\0{credentials.password}".encode()).decode(),
+            base64.b64encode(credentials.password.encode()).decode(),
+        ]
+    if credentials.oauth2_token:
+        blob = f"user={user}\x01auth=Bearer {credentials.oauth2_token}\x01\x01"
+        forms += [credentials.oauth2_token, base64.b64encode(blob.encode()).decode()]
+    return sorted(forms, key=len, reverse=True)
+
+
+def redact(text: str, credentials: Credentials | None) -> str:
+    """`text` with any form of the secret replaced: a server may echo what it was sent."""
+    if credentials is None:
+        return text
+    for form in _secret_forms(credentials):
+        text = text.replace(form, "[redacted]")
+    return text

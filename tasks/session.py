@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import random
-import socket
 import ssl
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +24,8 @@ from tasks.classify import CERT_HAS_EXPIRED, STAGE_ACTIVITY, Failure, classify, 
 from tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
 from tasks.request import IMPLICIT_TLS_PORT, SessionRequest, parse_request
-from tasks.secrets import Credentials, resolve_credentials
+from tasks.resolve import connect_first, local_hostname, resolve
+from tasks.secrets import Credentials, redact, resolve_credentials
 from tasks.trust import (
     TrustMode,
     fetch_unverified_certificate,
@@ -58,16 +58,6 @@ class RetryPolicy:
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
-_local_fqdn: str | None = None
-
-
-async def local_hostname() -> str:
-    """This machine's FQDN for EHLO, looked up once per process (it may block on DNS)."""
-    global _local_fqdn
-    if _local_fqdn is None:
-        _local_fqdn = await asyncio.to_thread(socket.getfqdn)
-    return _local_fqdn
-
 
 def utc_iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -75,22 +65,6 @@ def utc_iso(timestamp: float) -> str:
 
 def utc_now() -> str:
     return utc_iso(time.time())
-
-
-_AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
-
-
-def _literal_address(host: str, port: int) -> list[_AddressInfo] | None:
-    """An IP literal's socket address without the resolver's thread (None for a name)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if address.version == 4:
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
-    if "%" in host:
-        return None  # a scoped IPv6 address: let getaddrinfo turn the scope into an index
-    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
 
 
 class _Connection:
@@ -149,7 +123,7 @@ class _Connection:
                 f"timed out after {waited:.1f} s {STAGE_ACTIVITY[self.stage]}",
                 self.stage,
             )
-        except Exception as exc:  # classified below; a bug becomes INTERNAL with its traceback
+        except Exception as exc:  # noqa: BLE001 - classified; a bug is INTERNAL, logged
             failure = classify(
                 exc,
                 self.stage,
@@ -158,7 +132,14 @@ class _Connection:
                 f"{self.request.effective_port}",
             )
             if failure.category is ErrorCategory.INTERNAL:
-                log.exception("session.internal_error", host=self.request.host, stage=self.stage)
+                # The traceback as text, never with local variables (they can hold the
+                # secret), whatever renderer the application configured.
+                log.error(
+                    "session.internal_error",
+                    host=self.request.host,
+                    stage=self.stage,
+                    traceback="".join(traceback.format_exception(exc)),
+                )
             return failure
         finally:
             self._enter(self.stage)
@@ -173,19 +154,16 @@ class _Connection:
 
     async def _session(self) -> None:
         request = self.request
+        context = None if self.trust is None else verifying_context(self.trust, request.ca_file)
         self._enter(Stage.RESOLVE)
-        addresses: list[_AddressInfo] | None = _literal_address(
-            request.connect_host, request.effective_port
-        )
-        if addresses is None:
-            resolved = await self._loop.getaddrinfo(
-                request.connect_host, request.effective_port, type=socket.SOCK_STREAM
-            )
-            addresses = [(int(f), int(k), p, name, tuple(a)) for f, k, p, name, a in resolved]
+        addresses = await resolve(request.connect_host, request.effective_port)
         self._enter(Stage.CONNECT)
         connect_deadline = self._loop.time() + request.effective_connect_timeout
-        sock = await self._open_socket(addresses, connect_deadline)
-        context = None if self.trust is None else verifying_context(self.trust, request.ca_file)
+        tried: list[str] = []
+        try:
+            sock = await connect_first(addresses, connect_deadline, tried)
+        finally:
+            self.address = tried[-1] if tried else None
         smtp = self._smtp = SMTP(
             hostname=request.connect_host,
             sock=sock,
@@ -222,27 +200,6 @@ class _Connection:
             await self._bounded(Stage.QUIT, smtp.quit(), command_timeout)
         self._enter(Stage.DONE)
 
-    async def _open_socket(
-        self, addresses: list[_AddressInfo], connect_deadline: float
-    ) -> socket.socket:
-        last_error: OSError = OSError("no address to connect to")
-        for family, kind, proto, _name, sockaddr in addresses:
-            self.address = str(sockaddr[0])
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setblocking(False)
-                async with asyncio.timeout_at(connect_deadline):
-                    await self._loop.sock_connect(sock, sockaddr)
-            except OSError as exc:  # TimeoutError included: the next address gets what is left
-                sock.close()
-                last_error = exc
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        raise last_error
-
     async def _greet(self, smtp: SMTP, connect_deadline: float) -> SMTPResponse:
         # aiosmtplib runs the implicit TLS handshake and reads the greeting in one call;
         # whether it hung in the handshake or in the greeting is told apart by whether
@@ -276,7 +233,7 @@ class _Connection:
             banner=self.banner,
             extensions=[name.upper() for name in smtp.esmtp_extensions],
             auth_mechanisms=[name.upper() for name in smtp.server_auth_methods],
-            size_limit=int(size) if size.isdigit() else None,
+            size_limit=int(size) if size.isascii() and size.isdigit() and len(size) < 20 else None,
         )
 
     @staticmethod
@@ -411,6 +368,7 @@ async def run_attempt(
     message, hint = ("", None)
     if failure is not None:
         message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
+        message = redact(message, credentials)
     return Outcome(
         ok=failure is None,
         err_message=message,
@@ -439,6 +397,17 @@ def prepare(
 ) -> tuple[SessionRequest, Credentials | None]:
     """Validate a request and resolve its credentials reference; raises InvalidRequest."""
     request = fields if isinstance(fields, SessionRequest) else parse_request(fields)
+    if request.ca_file is not None:
+        # Read here, where the session runs: a backend that enqueues does not have the file.
+        try:
+            verifying_context("portable", request.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            problem = (
+                "holds no PEM certificate"
+                if isinstance(exc, ssl.SSLError) or not exc.strerror
+                else exc.strerror
+            )
+            raise InvalidRequest("ca_file", f"{request.ca_file!r}: {problem}") from None
     credentials = resolve_credentials(request.credentials, environ) if request.credentials else None
     return request, credentials
 

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
 from tasks.outcome import CertInfo
+from tasks.resolve import connect_first, literal_address
 
 TrustMode = Literal["native", "portable"]
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
@@ -149,26 +150,32 @@ async def fetch_unverified_certificate(
     """
     if seconds <= 0:
         return None
-    smtp = SMTP(
-        hostname=server_hostname if implicit_tls else address,
-        port=port,
-        local_hostname=local_hostname,
-        use_tls=implicit_tls,
-        start_tls=False,
-        tls_context=_report_only_context(),
-        timeout=None,
-    )
+    addresses = literal_address(address, port)
+    if addresses is None:
+        return None
+    smtp: SMTP | None = None
     try:
         async with asyncio.timeout(seconds):
+            loop = asyncio.get_running_loop()
+            # The address the session reached, not the name again: no second lookup.
+            sock = await connect_first(addresses, loop.time() + seconds, [])
+            smtp = SMTP(
+                hostname=server_hostname,  # for SNI: the server may pick its certificate by it
+                sock=sock,
+                local_hostname=local_hostname,
+                use_tls=implicit_tls,
+                start_tls=False,
+                tls_context=_report_only_context(),
+                timeout=None,
+            )
             await smtp.connect()
             if not implicit_tls:
                 await smtp.ehlo()
-                await smtp.starttls(
-                    server_hostname=server_hostname, tls_context=_report_only_context()
-                )
+                await smtp.starttls(tls_context=_report_only_context())
             return peer_certificate(smtp)
     except (SMTPException, OSError, TimeoutError, ValueError):
         # The report is best effort: whatever stops it, the outcome already has its error.
         return None
     finally:
-        smtp.close()
+        if smtp is not None:
+            smtp.close()

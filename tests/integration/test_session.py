@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -389,6 +390,23 @@ async def test_missing_secret_is_invalid_request(raw_server_factory: RawServerFa
     outcome = await session(server.port, credentials="absent")
     assert outcome.error == "invalid_request"
     assert "SMTP_SESSION_SECRET_ABSENT" in outcome.err_message
+    assert server.connections_accepted == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "No such file or directory"), ("not a certificate\n", "holds no PEM certificate")],
+)
+async def test_unusable_ca_file_is_invalid_before_any_io(
+    raw_server_factory: RawServerFactory, tmp_path: Path, content: str | None, problem: str
+) -> None:
+    server = await raw_server_factory("silent")
+    ca_file = tmp_path / "ca.pem"
+    if content is not None:
+        ca_file.write_text(content)
+    outcome = await session(server.port, ca_file=str(ca_file))
+    assert (outcome.error, outcome.stage) == ("invalid_request", "validate")
+    assert outcome.err_message == f"ca_file: {str(ca_file)!r}: {problem}"
     assert server.connections_accepted == 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import InvalidRequest
-from tasks.secrets import Credentials, env_variable, resolve_credentials
+from tasks.secrets import Credentials, env_variable, redact, resolve_credentials
 
 SECRET = "s3cr3t-Pa55"
 
@@ -70,3 +70,23 @@ def test_malformed_secret_is_invalid_without_echoing_it(raw: str) -> None:
 def test_repr_hides_the_secret() -> None:
     shown = repr(Credentials("me", password=SECRET)) + str(Credentials("me", oauth2_token=SECRET))
     assert SECRET not in shown
+
+
+def test_redact_removes_the_secret_in_every_wire_form() -> None:
+    import base64
+
+    credentials = Credentials("me", password=SECRET)
+    plain = base64.b64encode(f"\0me\0{SECRET}".encode()).decode()
+    login = base64.b64encode(SECRET.encode()).decode()
+    echoed = f"500 unrecognized: AUTH PLAIN {plain} / {login} / {SECRET}"
+    assert redact(echoed, credentials) == (
+        "500 unrecognized: AUTH PLAIN [redacted] / [redacted] / [redacted]"
+    )
+    token = Credentials("me", oauth2_token=SECRET)
+    assert SECRET not in redact(f"bad token {SECRET}", token)
+    assert redact("nothing to hide", None) == "nothing to hide"
+
+
+def test_deeply_nested_json_secret_is_invalid() -> None:
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        resolve_credentials("deep", {"SMTP_SESSION_SECRET_DEEP": "{" + "[" * 100_000})

@@ -1,0 +1,117 @@
+"""Name lookups that a deadline can abandon.
+
+The system resolver (getaddrinfo, getfqdn) blocks a thread. In asyncio's default executor
+an abandoned lookup would still hold `asyncio.run()` at exit until the resolver gives up,
+whatever the request's timeout; a daemon thread of its own is simply left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
+LOCAL_NAME_TIMEOUT = 2.0  # then EHLO says the plain host name instead of the FQDN
+
+_T = TypeVar("_T")
+_local_name: list[str] = []
+
+
+async def in_daemon_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking call in a daemon thread; cancelling the await abandons it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # the caller stopped waiting (its deadline passed)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]  # result is a _T here
+
+    def run() -> None:
+        result: _T | None = None
+        error: BaseException | None = None
+        try:
+            result = func(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller, who classifies it
+            error = exc
+        # A closed loop means nobody waits for this answer any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="smtp-session-lookup", daemon=True).start()
+    return await future
+
+
+def literal_address(host: str, port: int) -> list[AddressInfo] | None:
+    """An IP literal's socket address, no resolver needed (None for a name)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if address.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    if "%" in host:
+        return None  # a scoped IPv6 address: let getaddrinfo turn the scope into an index
+    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+
+
+async def resolve(host: str, port: int) -> list[AddressInfo]:
+    """The TCP addresses of host:port, in the resolver's order; raises socket.gaierror."""
+    literal = literal_address(host, port)
+    if literal is not None:
+        return literal
+    found = await in_daemon_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    return [(int(f), int(k), p, name, tuple(a)) for f, k, p, name, a in found]
+
+
+async def local_hostname() -> str:
+    """This machine's name for EHLO: its FQDN, looked up once per process, within a bound."""
+    if not _local_name:
+        try:
+            async with asyncio.timeout(LOCAL_NAME_TIMEOUT):
+                name = await in_daemon_thread(socket.getfqdn)
+        except TimeoutError:
+            name = socket.gethostname()
+        _local_name.append(name)
+    return _local_name[0]
+
+
+async def connect_first(
+    addresses: list[AddressInfo], deadline: float, tried: list[str]
+) -> socket.socket:
+    """A non-blocking socket connected to the first address that answers by `deadline`.
+
+    Each address gets an equal share of the time left (the last one all of it), so an
+    address that silently drops packets (an IPv6 route that goes nowhere) does not starve
+    the others. Every address tried is appended to `tried`.
+    """
+    loop = asyncio.get_running_loop()
+    last_error: OSError = OSError("no address to connect to")
+    for index, (family, kind, proto, _name, sockaddr) in enumerate(addresses):
+        tried.append(str(sockaddr[0]))
+        share = (deadline - loop.time()) / (len(addresses) - index)
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(family, kind, proto)  # EAFNOSUPPORT: on to the next one
+            sock.setblocking(False)
+            async with asyncio.timeout(max(share, 0.0)):
+                await loop.sock_connect(sock, sockaddr)
+        except OSError as exc:  # refused, unreachable, timed out (TimeoutError is an OSError)
+            if sock is not None:
+                sock.close()
+            last_error = exc
+            continue
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        return sock
+    raise last_error
