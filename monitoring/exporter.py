@@ -9,7 +9,6 @@ class at import), so `use_multiprocess_dir` imports nothing of prometheus_client
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +26,14 @@ def use_multiprocess_dir(default: Path) -> Path:
 
 
 def wipe_multiprocess_dir(path: Path) -> None:
-    """Forget the values of earlier runs: counters restart at zero with the worker."""
-    if path.is_dir():
-        shutil.rmtree(path)
+    """Forget the values of earlier runs: counters restart at zero with the worker.
+
+    Only prometheus_client's own files go: the variable may point at a folder that holds
+    other things too.
+    """
     path.mkdir(parents=True, exist_ok=True)
+    for values in path.glob("*.db"):
+        values.unlink(missing_ok=True)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -10,22 +10,26 @@ from typing import Any
 from celery import Celery, Task, shared_task
 
 from monitoring.metrics import SessionMetrics
-from tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
+from tasks.contract import CHECK_TARGET_TASK, DEFAULT_CONCURRENCY, OPEN_TASK, SWEEP_TASK
 from tasks.errors import InvalidRequest
 from tasks.outcome import Outcome
 from tasks.request import SessionRequest
 from tasks.session import (
-    RetryPolicy,
+    DEFAULT_RETRY_POLICY,
     prepare,
     rejected,
     report_outcome,
     run_attempt,
 )
-from tasks.sweep import DomainCheck, SweepItem, SweepSummary, sweep
+from tasks.sweep import (
+    DomainCheck,
+    SweepItem,
+    SweepSummary,
+    sweep,
+    with_defaults,
+)
 from tasks.trust_memory import TrustMemory
 
-RETRY_POLICY = RetryPolicy()
-DEFAULT_SWEEP_CONCURRENCY = 100
 # Unix time the request's first attempt began: a retry's outcome covers the whole request.
 STARTED_HEADER = "smtp_session_started"
 
@@ -33,17 +37,23 @@ STARTED_HEADER = "smtp_session_started"
 _trust_memory = TrustMemory()
 
 
-def _conf(task: Task, name: str, default: Any) -> Any:
-    return getattr(task.app.conf, name, None) or default
+# worker.app hangs the worker's settings and targets on the app object itself, not in
+# app.conf: `celery inspect conf` would print them, broker password included.
+SETTINGS_ATTRIBUTE = "smtp_session_settings"
+TARGETS_ATTRIBUTE = "smtp_session_targets"
+
+
+def _settings(app: Celery) -> Any:
+    return getattr(app, SETTINGS_ATTRIBUTE, None)
 
 
 def _request_defaults(task: Task) -> dict[str, Any]:
-    settings = _conf(task, "smtp_session_settings", None)
+    settings = _settings(task.app)
     return settings.request_defaults() if settings is not None else {}
 
 
-def _targets(task: Task) -> Mapping[str, SweepItem]:
-    targets: Mapping[str, SweepItem] = _conf(task, "smtp_session_targets", {})
+def _targets(app: Celery) -> Mapping[str, SweepItem]:
+    targets: Mapping[str, SweepItem] = getattr(app, TARGETS_ATTRIBUTE, None) or {}
     return targets
 
 
@@ -56,7 +66,7 @@ def process_metrics(app: Celery) -> SessionMetrics:
     One per process: the metrics register in prometheus_client's process-wide registry.
     """
     if not _process_metrics:
-        targets: Mapping[str, SweepItem] = getattr(app.conf, "smtp_session_targets", None) or {}
+        targets = _targets(app)
         metrics = SessionMetrics(known_targets=targets)
         metrics.declare_targets(targets)
         _process_metrics.append(metrics)
@@ -98,9 +108,11 @@ def run_session_task(
         report_outcome(outcome, final=False, metrics=metrics)
         if not outcome.ok and outcome.retryable and attempt <= request.retries:
             raise task.retry(
-                countdown=RETRY_POLICY.delay(attempt),
+                countdown=DEFAULT_RETRY_POLICY.delay(attempt),
                 max_retries=request.retries,
                 headers={STARTED_HEADER: started},
+                # A scheduled check's `expires` is its interval; its retries are not stale.
+                expires=None,
             )
     report_outcome(outcome, final=True, metrics=metrics)
     return outcome.to_dict()
@@ -120,11 +132,12 @@ def _unknown_target(name: object) -> Outcome:
 
 
 def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
-    settings = _conf(task, "smtp_session_settings", None)
-    concurrency = settings.sweep_concurrency if settings else DEFAULT_SWEEP_CONCURRENCY
+    settings = _settings(task.app)
+    concurrency = settings.sweep_concurrency if settings else DEFAULT_CONCURRENCY
+    defaults = _request_defaults(task)
     return asyncio.run(
         sweep(
-            items,
+            [with_defaults(item, defaults) for item in items],
             concurrency=concurrency,
             metrics=process_metrics(task.app),
             trust_memory=_trust_memory,
@@ -144,7 +157,7 @@ def check_target_task(self: Task, name: str) -> dict[str, Any]:
 
     A target given as a mail domain returns the sweep summary of its discovered hosts.
     """
-    item = _targets(self).get(name) if isinstance(name, str) else None
+    item = _targets(self.app).get(name) if isinstance(name, str) else None
     if item is None:
         return _unknown_target(name).to_dict()
     if isinstance(item, DomainCheck):
@@ -160,8 +173,14 @@ def _fields(request: SessionRequest) -> dict[str, Any]:
 @shared_task(name=SWEEP_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
 def sweep_task(self: Task, names: list[str] | None = None) -> dict[str, Any]:
     """Check the named targets (default: all) concurrently in this process."""
-    targets = _targets(self)
-    wanted = list(targets) if names is None else list(names)
+    targets = _targets(self.app)
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(name, str) for name in names)
+    ):
+        outcome = rejected(InvalidRequest("names", "must be a list of target names"), {})
+        report_outcome(outcome, final=True, metrics=None)
+        return SweepSummary(total=1, ok=0, failed=1, duration_s=0.0, outcomes=[outcome]).to_dict()
+    wanted = list(targets) if names is None else names
     unknown = [_unknown_target(name) for name in wanted if name not in targets]
     summary = _run_sweep(self, [targets[name] for name in wanted if name in targets])
     if not unknown:

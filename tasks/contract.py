@@ -10,6 +10,7 @@ OPEN_TASK = "smtp_session.open"
 CHECK_TARGET_TASK = "smtp_session.check_target"
 SWEEP_TASK = "smtp_session.sweep"
 TIME_LIMIT_MARGIN = 30.0
+DEFAULT_CONCURRENCY = 100  # sessions a sweep keeps open at once
 
 
 def time_limits(timeout: float) -> tuple[float, float]:

@@ -53,7 +53,7 @@ async def discover(
             hosts = [
                 DiscoveredHost(_name(r.target), r.port, "srv")
                 for r in records
-                if _name(r.target) not in ("", ".")
+                if _name(r.target) not in ("", ".") and r.port > 0
             ]
             if hosts:
                 return hosts[:MAX_DISCOVERED]

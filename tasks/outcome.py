@@ -15,6 +15,25 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _known(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the keys `model` (and the models inside it) does not know."""
+    known: dict[str, Any] = {}
+    for name, value in data.items():
+        field = model.model_fields.get(name)
+        if field is None:
+            continue
+        inner = next(
+            (
+                kind
+                for kind in getattr(field.annotation, "__args__", (field.annotation,))
+                if isinstance(kind, type) and issubclass(kind, BaseModel)
+            ),
+            None,
+        )
+        known[name] = _known(inner, value) if inner and isinstance(value, dict) else value
+    return known
+
+
 class CertInfo(_Frozen):
     """The certificate the server presented, verified or not."""
 
@@ -87,7 +106,10 @@ class Outcome(_Frozen):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
-        """Read back what to_dict() wrote (a Celery result, a `--json` line)."""
+        """Read back what to_dict() wrote (a Celery result, a `--json` line).
+
+        Fields this version does not know are dropped: a newer worker may add some.
+        """
         fields = dict(data)
         fields["schema_"] = fields.pop("schema", SCHEMA_VERSION)
-        return cls.model_validate(fields)
+        return cls.model_validate(_known(cls, fields))

@@ -23,7 +23,7 @@ from monitoring.metrics import SessionMetrics
 from tasks.classify import CERT_HAS_EXPIRED, STAGE_ACTIVITY, Failure, classify, quote_reply
 from tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
-from tasks.request import IMPLICIT_TLS_PORT, SessionRequest, parse_request
+from tasks.request import IMPLICIT_TLS_PORT, MAX_HOST_LENGTH, SessionRequest, parse_request
 from tasks.resolve import connect_first, local_hostname, resolve
 from tasks.secrets import Credentials, redact, resolve_credentials
 from tasks.trust import (
@@ -37,7 +37,6 @@ from tasks.trust_memory import TrustMemory
 DEFAULT_BACKOFF_BASE = 1.0
 MAX_BACKOFF = 30.0
 PASSWORD_MECHANISMS = ("plain", "login")  # in order of preference; one try, no lockouts
-MAX_ECHOED_HOST = 253
 
 log = structlog.get_logger("smtp_session")
 _T = TypeVar("_T")
@@ -423,14 +422,14 @@ def rejected(error: InvalidRequest, fields: object, *, started_at: str | None = 
         err_message=str(error),
         error=ErrorCategory.INVALID_REQUEST,
         stage=Stage.VALIDATE,
-        host=quote_reply(host)[:MAX_ECHOED_HOST] if isinstance(host, str) else "",
+        host=quote_reply(host)[:MAX_HOST_LENGTH] if isinstance(host, str) else "",
         port=port if isinstance(port, int) and not isinstance(port, bool) else None,
         target=target if isinstance(target, str) and error.field != "target" else None,
         started_at=started_at or utc_now(),
     )
 
 
-def log_attempt(outcome: Outcome, *, final: bool) -> None:
+def _log_outcome(outcome: Outcome, *, final: bool) -> None:
     """`session.attempt` for every attempt, `session.result` for the final outcome."""
     tls = outcome.tls
     log.info(
@@ -451,7 +450,7 @@ def log_attempt(outcome: Outcome, *, final: bool) -> None:
 
 def report_outcome(outcome: Outcome, *, final: bool, metrics: SessionMetrics | None) -> None:
     """Log an attempt or a final outcome, and count it when metrics are kept."""
-    log_attempt(outcome, final=final)
+    _log_outcome(outcome, final=final)
     if metrics is None:
         return
     if final:

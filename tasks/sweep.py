@@ -14,7 +14,7 @@ from monitoring.metrics import SessionMetrics
 from tasks.discovery import discover
 from tasks.errors import ErrorCategory, SessionFailure, Stage
 from tasks.outcome import Outcome
-from tasks.request import SessionRequest
+from tasks.request import SessionRequest, parse_request
 from tasks.session import (
     DEFAULT_RETRY_POLICY,
     RetryPolicy,
@@ -37,6 +37,13 @@ class DomainCheck:
 
 
 SweepItem = SessionRequest | DomainCheck
+
+
+def with_defaults(item: SweepItem, defaults: Mapping[str, Any]) -> SweepItem:
+    """The item with `defaults` (the settings' request defaults) under its own fields."""
+    if isinstance(item, DomainCheck):
+        return DomainCheck(item.domain, {**defaults, **item.fields})
+    return parse_request({**defaults, **item.model_dump(exclude_unset=True)})
 
 
 class SweepSummary(BaseModel):

@@ -6,7 +6,8 @@ from monitoring.exporter import use_multiprocess_dir
 from worker.settings import Settings, load_settings
 
 # prometheus_client picks its multiprocess mode when first imported, so the directory is
-# named before anything below imports it; pool processes inherit it when they fork.
+# named before anything below imports it (and nothing above may import it: the test of 50
+# sessions over 4 pool processes fails if one does); pool processes inherit it at fork.
 _settings = load_settings()
 use_multiprocess_dir(_settings.data_dir / "metrics")
 
@@ -15,6 +16,7 @@ from typing import Any  # noqa: E402
 
 from celery import Celery  # noqa: E402
 
+from tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE  # noqa: E402
 from tasks.contract import CHECK_TARGET_TASK, time_limits  # noqa: E402
 from tasks.request import MAX_TIMEOUT  # noqa: E402
 from tasks.session import MAX_BACKOFF  # noqa: E402
@@ -96,8 +98,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_pool="prefork",
         beat_schedule=beat_schedule(targets),
     )
-    celery.conf.smtp_session_settings = settings
-    celery.conf.smtp_session_targets = {target.name: target.sweep_item() for target in targets}
+    setattr(celery, SETTINGS_ATTRIBUTE, settings)
+    setattr(celery, TARGETS_ATTRIBUTE, {target.name: target.sweep_item() for target in targets})
     signals.install(settings)
     return celery
 

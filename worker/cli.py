@@ -27,7 +27,7 @@ from tasks.errors import ErrorCategory, InvalidRequest
 from tasks.outcome import Outcome
 from tasks.request import parse_request
 from tasks.session import MAX_BACKOFF, open_session, rejected
-from tasks.sweep import SweepSummary
+from tasks.sweep import SweepSummary, with_defaults
 from tasks.sweep import sweep as run_sweep
 from tasks.trust_memory import TrustMemory
 from worker.settings import InvalidSettings, Settings, load_settings
@@ -187,11 +187,20 @@ def enqueue(
         emit(rejected(exc, fields), as_json=as_json)
     # Celery is imported only by the commands that talk to a broker: `check` starts fast.
     from celery.exceptions import TimeoutError as CeleryTimeoutError
+    from kombu.exceptions import OperationalError
 
-    from worker.app import app
+    try:
+        from worker.app import app
+    except (InvalidTargets, OSError) as exc:
+        click.echo(f"smtp-session: {exc}", err=True)
+        sys.exit(EXIT_INVALID)
     from worker.client import result, submit
 
-    task_id = submit(app, **fields)
+    try:
+        task_id = submit(app, **fields)
+    except OperationalError as exc:
+        click.echo(f"smtp-session: cannot reach the broker: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     if not wait:
         click.echo(task_id)
         return
@@ -273,7 +282,8 @@ def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, ver
     except InvalidTargets as exc:
         click.echo(f"smtp-session: {exc}", err=True)
         sys.exit(EXIT_INVALID)
-    items = [target.sweep_item() for target in targets]
+    defaults = settings.request_defaults()
+    items = [with_defaults(target.sweep_item(), defaults) for target in targets]
     show_progress = sys.stdout.isatty() and not as_json
     with Progress(console=Console(stderr=True), transient=True, disable=not show_progress) as bar:
         task = bar.add_task("checking", total=len(items))

@@ -28,8 +28,12 @@ def submit(app: Celery, **fields: Any) -> str:
     reference name; the worker resolves the secret.
     """
     request = parse_request(fields)
-    soft, hard = time_limits(request.timeout)
-    sent = app.send_task(OPEN_TASK, kwargs=fields, soft_time_limit=soft, time_limit=hard)
+    options: dict[str, float] = {}
+    if "timeout" in fields:
+        # Limits sized to this request; without a timeout the worker's own default applies,
+        # and so do the worker's limits, which suit any valid timeout.
+        options["soft_time_limit"], options["time_limit"] = time_limits(request.timeout)
+    sent = app.send_task(OPEN_TASK, kwargs=fields, **options)
     return str(sent.id)
 
 

@@ -8,13 +8,13 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.contract import DEFAULT_CONCURRENCY
 from tasks.errors import SessionWorkerError
 from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, MAX_RETRIES, MAX_TIMEOUT, Trust
 
 ENV_PREFIX = "SMTP_SESSION_"
 DEFAULT_METRICS_PORT = 9808
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the worker from elsewhere
-DEFAULT_SWEEP_CONCURRENCY = 100
 
 
 class InvalidSettings(SessionWorkerError, ValueError):
@@ -31,8 +31,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    broker_url: str | None = None
-    result_backend: str | None = None
+    # Not in repr(): URLs carry passwords (redis://:password@host).
+    broker_url: str | None = Field(default=None, repr=False)
+    result_backend: str | None = Field(default=None, repr=False)
     data_dir: Path = Path(".smtp-session")
     targets: Path | None = None
     metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     ca_file: Path | None = None
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)
     retries: int = Field(default=DEFAULT_RETRIES, ge=0, le=MAX_RETRIES)
-    sweep_concurrency: int = Field(default=DEFAULT_SWEEP_CONCURRENCY, ge=1, le=10_000)
+    sweep_concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=10_000)
 
     @property
     def listen_address(self) -> tuple[str, int] | None:

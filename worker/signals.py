@@ -30,6 +30,7 @@ from tasks.celery_tasks import process_metrics
 from worker.settings import Settings
 
 log = structlog.get_logger("smtp_session.worker")
+EXIT_CONFIG = 2  # as the CLI's exit code for unusable settings
 _installed: dict[str, Settings] = {}
 
 
@@ -54,7 +55,7 @@ def _say_as_log(message: str, file: Any = None) -> None:
         "level": "warning",
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
-    stream = file if file is not None and hasattr(file, "fileno") else sys.__stdout__
+    stream = sys.__stderr__  # logs go to stderr, like every other line of ours
     if stream is not None:
         with contextlib.suppress(OSError, ValueError):
             os.write(stream.fileno(), (json.dumps(event) + "\n").encode())
@@ -74,7 +75,7 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
     configure_logging(
         settings.log_format,
         level=level if isinstance(level, int) else logging.INFO,
-        stream=sys.stdout,
+        stream=sys.stderr,
     )
     if settings.log_format == "json":
         celery_worker.safe_say = _say_as_log
@@ -101,7 +102,13 @@ def _serve_metrics(sender: Any = None, **_: Any) -> None:
         # Configured targets show zeros from the start, not from their first check.
         process_metrics(app)
     address, port = listen
-    server = start_exporter(address, port)
+    try:
+        server = start_exporter(address, port)
+    except OSError as exc:
+        # A worker nobody can scrape looks healthy and is blind: stop, and let the
+        # supervisor say why (Celery would swallow an exception raised here).
+        log.critical("metrics.failed", address=address, port=port, error=str(exc))
+        os._exit(EXIT_CONFIG)
     log.info("metrics.listening", address=address, port=server.server_port)
 
 
@@ -110,6 +117,12 @@ def _bind_task_context(task_id: str | None = None, task: Any = None, **_: Any) -
     # Pool processes are reused: clear what the previous task bound before binding anew.
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_id=task_id, task_name=getattr(task, "name", None))
+
+
+@signals.task_postrun.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _unbind_task_context(**_: Any) -> None:
+    # Lines logged between tasks (heartbeats, the pool) belong to no task.
+    structlog.contextvars.clear_contextvars()
 
 
 @signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped

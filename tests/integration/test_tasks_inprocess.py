@@ -28,8 +28,8 @@ def eager_app() -> Iterator[Celery]:
     app = Celery("eager", set_as_current=True)
     # Not propagating lets apply() run a retry inline, as a worker would run it later.
     app.conf.update(task_always_eager=True, task_eager_propagates=False)
-    app.conf.smtp_session_settings = Settings(retries=0, timeout=5.0)
-    app.conf.smtp_session_targets = {}
+    app.smtp_session_settings = Settings(retries=0, timeout=5.0)
+    app.smtp_session_targets = {}
     yield app
     app.close()
 
@@ -82,7 +82,7 @@ async def test_check_target_and_sweep_by_name(
     eager_app: Celery, smtp_server_factory: SmtpServerFactory
 ) -> None:
     server = await smtp_server_factory(mode="plain")
-    eager_app.conf.smtp_session_targets = {
+    eager_app.smtp_session_targets = {
         "mx": parse_request(
             {
                 "host": LOOPBACK,
