@@ -164,6 +164,11 @@ def classify(exc: BaseException, stage: Stage, *, host: str, endpoint: str) -> F
                 return Failure(ErrorCategory.REFUSED, f"connection refused by {endpoint}", stage)
             os_error = _find(exc, OSError)
             detail = os_error.strerror if os_error is not None and os_error.strerror else None
+            if stage is Stage.CONNECT:  # no connection yet: unreachable, reset during connect
+                reason = f": {detail}" if detail else ""
+                return Failure(
+                    ErrorCategory.REFUSED, f"could not connect to {endpoint}{reason}", stage
+                )
             return Failure(
                 ErrorCategory.REFUSED,
                 f"connection closed before the greeting ({detail})"

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import idna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import InvalidRequest
@@ -44,9 +45,14 @@ def _ascii_host(host: str) -> str:
         return str(ipaddress.ip_address(bare))
     except ValueError:
         pass
+    name = bare.rstrip(".")
+    if name.isascii():
+        return name.lower()
     try:
-        return bare.rstrip(".").encode("idna").decode("ascii").lower()
-    except UnicodeError as exc:
+        # IDNA 2008 with UTS 46 mapping, as browsers and mail clients resolve names:
+        # Python's own "idna" codec is IDNA 2003, which maps faß.de to fass.de.
+        return idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
         raise ValueError(f"{host!r} is not a valid host name ({exc})") from None
 
 

@@ -149,7 +149,10 @@ def main() -> None:
 @main.command()
 @request_options
 def check(address: str, as_json: bool, verbose: bool, **options: Any) -> None:
-    """Open one session now, in this process (no broker); exit 0 when ok, 1 when not."""
+    """Open one session now, in this process (no broker).
+
+    Exit 0 when ok, 1 when the session failed, 2 for invalid input.
+    """
     settings = _settings_or_exit()
     configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
     fields = {**settings.request_defaults(), **request_fields(address, options)}

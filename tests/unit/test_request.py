@@ -78,6 +78,7 @@ def test_stage_timeouts_default_to_five_seconds_capped_by_the_deadline() -> None
     ("host", "wire"),
     [
         ("Bücher.Example", "xn--bcher-kva.example"),
+        ("faß.de", "xn--fa-hia.de"),  # IDNA 2008: not fass.de
         ("[::1]", "::1"),
         ("::1", "::1"),
         ("192.0.2.1", "192.0.2.1"),
