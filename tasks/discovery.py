@@ -38,15 +38,22 @@ async def _query(
 
 
 async def discover(
-    domain: str, *, resolver: dns.asyncresolver.Resolver | None = None
+    domain: str,
+    *,
+    resolver: dns.asyncresolver.Resolver | None = None,
+    lifetime: float | None = None,
 ) -> list[DiscoveredHost]:
     """The domain's submission hosts, best first; raises SessionFailure(DNS) if none.
 
     SRV records are ordered by priority, then weight (heaviest first); a lone "." target
     means "no service here" (RFC 2782) and falls through to MX like no record at all.
+    `lifetime` bounds each query of the system's resolver (the target's timeout).
     """
     try:
-        resolver = resolver or dns.asyncresolver.Resolver()
+        if resolver is None:
+            resolver = dns.asyncresolver.Resolver()
+            if lifetime is not None:
+                resolver.lifetime = lifetime
         srv = await _query(resolver, f"{SUBMISSION_SRV}.{domain}", "SRV")
         if srv is not None:
             records = sorted(srv, key=lambda r: (r.priority, -r.weight))

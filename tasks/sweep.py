@@ -14,7 +14,7 @@ from monitoring.metrics import SessionMetrics
 from tasks.discovery import discover
 from tasks.errors import ErrorCategory, SessionFailure, Stage
 from tasks.outcome import Outcome
-from tasks.request import SessionRequest, parse_request
+from tasks.request import DEFAULT_TIMEOUT, SessionRequest, parse_request
 from tasks.session import (
     DEFAULT_RETRY_POLICY,
     RetryPolicy,
@@ -95,7 +95,12 @@ class _Sweep:
     async def domain(self, check: DomainCheck) -> list[Outcome]:
         try:
             async with self._slots:
-                hosts = await discover(check.domain, resolver=self.resolver)
+                timeout = check.fields.get("timeout", DEFAULT_TIMEOUT)
+                hosts = await discover(
+                    check.domain,
+                    resolver=self.resolver,
+                    lifetime=float(timeout) if isinstance(timeout, int | float) else None,
+                )
         except SessionFailure as exc:
             target = check.fields.get("target")
             outcome = Outcome(
