@@ -35,8 +35,8 @@ ENV_PREFIX = "SMTP_SESSION_"
 START_TIMEOUT = 30.0
 #: Bound on a process stop.
 STOP_TIMEOUT = 10.0
-#: How often readiness is probed while Redis starts (it is up in milliseconds).
-REDIS_PROBE_INTERVAL = 0.01
+#: What Redis logs once it accepts connections.
+READY_LINE = b"ready to accept connections"  # "The server is now ready to accept…"
 #: One control round trip while the worker starts: how long to wait for its pong.
 PING_TIMEOUT = 0.5
 #: Lines of worker output printed at teardown (shown by pytest for failed tests only).
@@ -55,6 +55,7 @@ class RedisServer:
         self.log_path = folder / "redis.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -90,23 +91,32 @@ class RedisServer:
                 str(self.folder),
             ],
             stdin=subprocess.DEVNULL,
-            stdout=self._log,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        # Redis logs readiness but does not signal it; PING is the event that matters.
-        deadline = time.monotonic() + START_TIMEOUT
+        ready = threading.Event()
+        self._reader = threading.Thread(
+            target=self._copy_log, args=(self._process, ready), name="redis-log", daemon=True
+        )
+        self._reader.start()
+        # Redis says when it is ready: wait for that line, then prove it with one PING.
+        if not ready.wait(START_TIMEOUT):
+            raise TimeoutError(f"redis-server not ready after {START_TIMEOUT} s")
+        if self._process.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {self.log_path.read_text()}")
         with self.client() as probe:
-            while True:
-                try:
-                    if probe.ping():
-                        return
-                except redis.ConnectionError:
-                    pass
-                if self._process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {self.log_path.read_text()}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server not up after {START_TIMEOUT} s")
-                time.sleep(REDIS_PROBE_INTERVAL)
+            assert probe.ping()
+
+    def _copy_log(self, process: subprocess.Popen[bytes], ready: threading.Event) -> None:
+        """Copy Redis's output to its log file; set `ready` at its ready line (or its end)."""
+        assert process.stdout is not None and self._log is not None
+        log = self._log
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            if READY_LINE in line.lower():
+                ready.set()
+        ready.set()  # it exited: start() sees that and says so
 
     def stop(self) -> None:
         """Stop (SIGTERM: Redis closes every client and removes its socket); idempotent."""
@@ -118,6 +128,9 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(STOP_TIMEOUT)
+        if self._reader is not None:
+            self._reader.join(STOP_TIMEOUT)  # it ends at the pipe's end, with the process
+            self._reader = None
         if self._log is not None:
             self._log.close()
             self._log = None
