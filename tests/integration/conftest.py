@@ -100,12 +100,16 @@ class RedisServer:
         )
         self._reader.start()
         # Redis says when it is ready: wait for that line, then prove it with one PING.
-        if not ready.wait(START_TIMEOUT):
-            raise TimeoutError(f"redis-server not ready after {START_TIMEOUT} s")
-        if self._process.poll() is not None:
-            raise RuntimeError(f"redis-server exited: {self.log_path.read_text()}")
-        with self.client() as probe:
-            assert probe.ping()
+        try:
+            if not ready.wait(START_TIMEOUT):
+                raise TimeoutError(f"redis-server not ready after {START_TIMEOUT} s")
+            if self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log_path.read_text()}")
+            with self.client() as probe:
+                assert probe.ping()
+        except BaseException:
+            self.stop()  # a fixture that failed to start is never torn down
+            raise
 
     def _copy_log(self, process: subprocess.Popen[bytes], ready: threading.Event) -> None:
         """Copy Redis's output to its log file; set `ready` at its ready line (or its end)."""
