@@ -1,15 +1,65 @@
-"""structlog configuration: one JSON object per line (or a console renderer when asked)."""
+"""structlog configuration: one JSON object per line (or a console renderer when asked).
+
+Our own events are rendered by structlog and written as they are, in one pass; the
+standard library's records (Celery's, billiard's, Python's warnings) go through
+structlog's ProcessorFormatter into the same format. Both write whole lines through one
+lock, so lines from many threads never interleave.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+import threading
+from typing import Any, Literal, TextIO
 
 import structlog
 
 LogFormat = Literal["json", "console"]
 BILLIARD_LOGGER = "multiprocessing"
+#: Celery's lines for every task ("received", "succeeded in …: {the whole result}"): at
+#: INFO they would double the log, and `session.result` says it all. Warnings stay.
+PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+
+
+class LineWriter:
+    """Writes whole lines to one stream, one at a time."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+class _EventLogger:
+    """What structlog hands a rendered event to: one line, written as it is."""
+
+    def __init__(self, writer: LineWriter, name: str) -> None:
+        self._writer = writer
+        self.name = name  # for structlog.stdlib.add_logger_name
+
+    def msg(self, message: str) -> None:
+        self._writer.write(message)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+class _LineHandler(logging.Handler):
+    """A logging handler that formats a record and writes it through the LineWriter."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.write(self.format(record))
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
 
 
 def configure_logging(
@@ -19,7 +69,7 @@ def configure_logging(
 
     Tracebacks are rendered without local variables: locals can hold secrets.
     """
-    output = sys.stderr if stream is None else stream
+    writer = LineWriter(sys.stderr if stream is None else stream)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_logger_name,
@@ -38,13 +88,17 @@ def configure_logging(
         renderer = structlog.dev.ConsoleRenderer(
             exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
         )
+
+    def event_logger(name: str = "smtp_session", *_: Any) -> _EventLogger:
+        return _EventLogger(writer, name)
+
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, renderer],
+        logger_factory=event_logger,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(output)
+    handler = _LineHandler(writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -54,8 +108,10 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in PER_TASK_LOGGERS:  # still there with --loglevel=DEBUG
+        logging.getLogger(name).setLevel(logging.WARNING if level > logging.DEBUG else level)
     logging.captureWarnings(True)  # Python warnings become log records, in the same format
-    # billiard (the prefork pool) logs through its own non-propagating logger, which
+    # billiard (Celery's process library) logs through its own non-propagating logger, which
     # would otherwise fall through to Python's bare last-resort handler.
     pool_logger = logging.getLogger(BILLIARD_LOGGER)
     pool_logger.handlers[:] = [handler]

@@ -1,8 +1,7 @@
 """Prometheus metrics of SMTP sessions (prefix smtp_session_, blackbox_exporter conventions).
 
-Every metric takes its registry as a parameter. Under the prefork pool the values live
-in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR) and the worker's
-main process aggregates them: gauges therefore name their multiprocess mode.
+Every metric takes its registry as a parameter. A worker is one process (its sessions
+share one event loop), so one registry holds every session's values and /metrics serves it.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def _timestamp(iso_utc: str) -> float:
 
 
 class SessionMetrics:
-    """The metrics of DESIGN.md "Metrics", recorded from Outcomes."""
+    """The metrics of DESIGN.md "Metrics": a SessionObserver recording Outcomes."""
 
     def __init__(
         self,
@@ -88,7 +87,6 @@ class SessionMetrics:
             "1 if the last final outcome for the target was ok, else 0.",
             ["target"],
             namespace=NAMESPACE,
-            multiprocess_mode="mostrecent",
             registry=registry,
         )
         self.last_success = Gauge(
@@ -96,7 +94,6 @@ class SessionMetrics:
             "Unix time of the last ok outcome.",
             ["target"],
             namespace=NAMESPACE,
-            multiprocess_mode="max",
             registry=registry,
         )
         self.cert_expiry = Gauge(
@@ -104,7 +101,6 @@ class SessionMetrics:
             "notAfter of the certificate the server last presented, as Unix time.",
             ["target"],
             namespace=NAMESPACE,
-            multiprocess_mode="mostrecent",
             registry=registry,
         )
 
@@ -121,7 +117,7 @@ class SessionMetrics:
             return ADHOC_TARGET
         return target
 
-    def observe_attempt(self, outcome: Outcome) -> None:
+    def attempt_ended(self, outcome: Outcome) -> None:
         """One attempt ended (its Outcome carries the attempt's timings and trust)."""
         target = self.target_label(outcome)
         trust = outcome.tls.trust if outcome.tls and outcome.tls.trust else "none"
@@ -135,7 +131,7 @@ class SessionMetrics:
             if seconds is not None:
                 self.stage_duration.labels(target, stage).observe(seconds)
 
-    def observe_result(self, outcome: Outcome) -> None:
+    def request_ended(self, outcome: Outcome) -> None:
         """The final outcome of a request, after its retries."""
         target = self.target_label(outcome)
         error = outcome.error.value if outcome.error else ""

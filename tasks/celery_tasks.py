@@ -1,24 +1,37 @@
-"""The thin Celery tasks over the session core (task names are public: DESIGN.md)."""
+"""The thin Celery tasks over the session core (task names are public: DESIGN.md).
+
+The worker runs Celery's `threads` pool (see worker.app): each task runs in a pool
+thread, which validates the request, hands the session to the process's one event loop
+(tasks.background_loop) and waits for its outcome. So a process runs as many sessions at
+once as it has threads, each task keeping its own id, result, latency and retries.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery import Celery, Task, shared_task
 
 from monitoring.metrics import SessionMetrics
-from tasks.contract import CHECK_TARGET_TASK, DEFAULT_CONCURRENCY, OPEN_TASK, SWEEP_TASK
+from tasks.background_loop import BackgroundLoop, TaskTimeLimitExceeded
+from tasks.contract import (
+    CHECK_TARGET_TASK,
+    DEFAULT_CONCURRENCY,
+    OPEN_TASK,
+    SWEEP_TASK,
+    attempt_time_limit,
+)
 from tasks.errors import InvalidRequest
+from tasks.observe import LOG, SessionObserver, report
 from tasks.outcome import Outcome
-from tasks.request import SessionRequest
+from tasks.request import MAX_TIMEOUT, SessionRequest
 from tasks.session import (
     DEFAULT_RETRY_POLICY,
+    overran,
     prepare,
     rejected,
-    report_outcome,
     run_attempt,
 )
 from tasks.sweep import (
@@ -26,6 +39,7 @@ from tasks.sweep import (
     SweepItem,
     SweepSummary,
     sweep,
+    time_limit,
     with_defaults,
 )
 from tasks.trust_memory import TrustMemory
@@ -33,7 +47,9 @@ from tasks.trust_memory import TrustMemory
 # Unix time the request's first attempt began: a retry's outcome covers the whole request.
 STARTED_HEADER = "smtp_session_started"
 
-# One per pool process: what this process learnt about which servers need the portable store.
+# The process's one event loop, and what it learnt about which servers need the portable
+# store: both live as long as the worker process.
+_loop = BackgroundLoop()
 _trust_memory = TrustMemory()
 
 
@@ -50,6 +66,16 @@ def _settings(app: Celery) -> Any:
 def _request_defaults(task: Task) -> dict[str, Any]:
     settings = _settings(task.app)
     return settings.request_defaults() if settings is not None else {}
+
+
+def _max_timeout(app: Celery) -> float:
+    settings = _settings(app)
+    return float(settings.max_timeout) if settings is not None else MAX_TIMEOUT
+
+
+def _sweep_concurrency(app: Celery) -> int:
+    settings = _settings(app)
+    return int(settings.sweep_concurrency) if settings is not None else DEFAULT_CONCURRENCY
 
 
 def _targets(app: Celery) -> Mapping[str, SweepItem]:
@@ -73,18 +99,22 @@ def process_metrics(app: Celery) -> SessionMetrics:
     return _process_metrics[0]
 
 
+def _observers(app: Celery) -> Sequence[SessionObserver]:
+    return (LOG, process_metrics(app))
+
+
 def run_session_task(
     task: Task, fields: dict[str, Any], positional: tuple[Any, ...] = ()
 ) -> dict[str, Any]:
     """One attempt per task run; a retryable failure with attempts left is re-scheduled.
 
     The retry goes back through the broker with a backoff countdown and the same task
-    id, so no pool process sleeps through the backoff and a caller polling the id sees
-    one final result. A failed session is a result (`ok: false`), not a task failure.
+    id, so no thread waits through the backoff and a caller polling the id sees one
+    final result. A failed session is a result (`ok: false`), not a task failure.
     """
     attempt = task.request.retries + 1
     started = _started(task)
-    metrics = process_metrics(task.app)
+    observers = _observers(task.app)
     try:
         if positional:
             # `send_task(..., args=[...])` would otherwise be a TypeError inside Celery:
@@ -93,19 +123,25 @@ def run_session_task(
                 "request", f"fields go in kwargs, not in positional args (got {len(positional)})"
             )
         request, credentials = prepare({**_request_defaults(task), **fields})
+        _check_timeout(request, _max_timeout(task.app))
     except InvalidRequest as exc:
         outcome = rejected(exc, fields)
     else:
-        outcome = asyncio.run(
-            run_attempt(
-                request,
-                credentials,
-                attempt=attempt,
-                started=started,
-                trust_memory=_trust_memory,
+        limit = attempt_time_limit(request.timeout)
+        try:
+            outcome = _loop.run(
+                run_attempt(
+                    request,
+                    credentials,
+                    attempt=attempt,
+                    started=started,
+                    trust_memory=_trust_memory,
+                ),
+                time_limit=limit,
             )
-        )
-        report_outcome(outcome, final=False, metrics=metrics)
+        except TaskTimeLimitExceeded as exc:
+            outcome = overran(request, exc, attempt=attempt, started=started)
+        report(outcome, final=False, observers=observers)
         if not outcome.ok and outcome.retryable and attempt <= request.retries:
             raise task.retry(
                 countdown=DEFAULT_RETRY_POLICY.delay(attempt),
@@ -114,8 +150,17 @@ def run_session_task(
                 # A scheduled check's `expires` is its interval; its retries are not stale.
                 expires=None,
             )
-    report_outcome(outcome, final=True, metrics=metrics)
+    report(outcome, final=True, observers=observers)
     return outcome.to_dict()
+
+
+def _check_timeout(request: SessionRequest, max_timeout: float) -> None:
+    # The longest deadline bounds how long a task can run, and so how soon Redis may hand
+    # the tasks of a killed worker to another one (worker.app's visibility timeout).
+    if request.timeout > max_timeout:
+        raise InvalidRequest(
+            "timeout", f"must be at most {max_timeout:g} s here (SMTP_SESSION_MAX_TIMEOUT)"
+        )
 
 
 def _started(task: Task) -> float:
@@ -127,21 +172,23 @@ def _started(task: Task) -> float:
 def _unknown_target(name: object) -> Outcome:
     problem = InvalidRequest("name", f"no target {name!r} in the targets file")
     outcome = rejected(problem, {})
-    report_outcome(outcome, final=True, metrics=None)
+    report(outcome, final=True, observers=(LOG,))
     return outcome
 
 
 def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
-    settings = _settings(task.app)
-    concurrency = settings.sweep_concurrency if settings else DEFAULT_CONCURRENCY
+    concurrency = _sweep_concurrency(task.app)
     defaults = _request_defaults(task)
-    return asyncio.run(
+    ready = [with_defaults(item, defaults) for item in items]
+    limit = sum(time_limit(item, concurrency=concurrency) for item in ready)
+    return _loop.run(
         sweep(
-            [with_defaults(item, defaults) for item in items],
+            ready,
             concurrency=concurrency,
-            metrics=process_metrics(task.app),
+            observers=_observers(task.app),
             trust_memory=_trust_memory,
-        )
+        ),
+        time_limit=limit,
     )
 
 
@@ -170,7 +217,10 @@ def _fields(request: SessionRequest) -> dict[str, Any]:
     return request.model_dump(exclude_unset=True)
 
 
-@shared_task(name=SWEEP_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
+# Acknowledged when it starts, unlike the session tasks: a sweep over a whole fleet can
+# outlast Redis's redelivery timeout, which would hand it to a second worker while the
+# first still runs it. A worker killed mid-sweep loses that sweep; run it again.
+@shared_task(name=SWEEP_TASK, bind=True, acks_late=False)  # type: ignore[untyped-decorator]
 def sweep_task(self: Task, names: list[str] | None = None) -> dict[str, Any]:
     """Check the named targets (default: all) concurrently in this process."""
     targets = _targets(self.app)
@@ -178,7 +228,7 @@ def sweep_task(self: Task, names: list[str] | None = None) -> dict[str, Any]:
         not isinstance(names, list) or not all(isinstance(name, str) for name in names)
     ):
         outcome = rejected(InvalidRequest("names", "must be a list of target names"), {})
-        report_outcome(outcome, final=True, metrics=None)
+        report(outcome, final=True, observers=(LOG,))
         return SweepSummary(total=1, ok=0, failed=1, duration_s=0.0, outcomes=[outcome]).to_dict()
     wanted = list(targets) if names is None else names
     unknown = [_unknown_target(name) for name in wanted if name not in targets]

@@ -11,7 +11,7 @@ import random
 import ssl
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import structlog
 from aiosmtplib import SMTP, SMTPException, SMTPResponse
 
-from monitoring.metrics import SessionMetrics
 from tasks.classify import CERT_HAS_EXPIRED, STAGE_ACTIVITY, Failure, classify, quote_reply
 from tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
+from tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
 from tasks.request import IMPLICIT_TLS_PORT, MAX_HOST_LENGTH, SessionRequest, parse_request
 from tasks.resolve import connect_first, local_hostname, resolve
@@ -429,34 +429,27 @@ def rejected(error: InvalidRequest, fields: object, *, started_at: str | None = 
     )
 
 
-def _log_outcome(outcome: Outcome, *, final: bool) -> None:
-    """`session.attempt` for every attempt, `session.result` for the final outcome."""
-    tls = outcome.tls
-    log.info(
-        "session.result" if final else "session.attempt",
-        ok=outcome.ok,
-        err_message=outcome.err_message,
-        error=outcome.error.value if outcome.error else None,
-        stage=outcome.stage.value,
-        host=outcome.host,
-        port=outcome.port,
-        target=outcome.target,
-        attempt=outcome.attempts,
-        trust=tls.trust if tls else None,
-        fallback=tls.fallback if tls else False,
-        duration_s=outcome.timings.total,
+def overran(
+    request: SessionRequest, error: TimeoutError, *, attempt: int, started: float
+) -> Outcome:
+    """The Outcome of an attempt stopped by its task's time limit: a bug, logged as one.
+
+    Every stage has its own deadline inside the attempt's, so only a bug gets this far.
+    """
+    log.error("session.internal_error", host=request.host, stage=None, traceback=str(error))
+    return Outcome(
+        ok=False,
+        err_message=f"internal error: {error}",
+        error=ErrorCategory.INTERNAL,
+        stage=Stage.VALIDATE,
+        host=request.host,
+        port=request.effective_port,
+        security=request.effective_security,
+        target=request.target,
+        timings=Timings(total=round(time.time() - started, 6)),
+        attempts=attempt,
+        started_at=utc_iso(started),
     )
-
-
-def report_outcome(outcome: Outcome, *, final: bool, metrics: SessionMetrics | None) -> None:
-    """Log an attempt or a final outcome, and count it when metrics are kept."""
-    _log_outcome(outcome, final=final)
-    if metrics is None:
-        return
-    if final:
-        metrics.observe_result(outcome)
-    else:
-        metrics.observe_attempt(outcome)
 
 
 async def open_session(
@@ -465,20 +458,20 @@ async def open_session(
     environ: Mapping[str, str] | None = None,
     retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    metrics: SessionMetrics | None = None,
+    observers: Sequence[SessionObserver] = DEFAULT_OBSERVERS,
     trust_memory: TrustMemory | None = None,
 ) -> Outcome:
     """Open one SMTP session as the request asks, retrying retryable failures.
 
     Never raises for a failed session or bad input: the Outcome says what happened.
-    Each attempt and the final outcome are logged, and counted in `metrics` if given.
+    Each attempt and the final outcome are reported to `observers` (by default the log).
     """
     started = time.time()
     try:
         session_request, credentials = prepare(request, environ)
     except InvalidRequest as exc:
         outcome = rejected(exc, request, started_at=utc_iso(started))
-        report_outcome(outcome, final=True, metrics=metrics)
+        report(outcome, final=True, observers=observers)
         return outcome
     attempt = 1
     while True:
@@ -489,10 +482,10 @@ async def open_session(
             started=started,
             trust_memory=trust_memory,
         )
-        report_outcome(outcome, final=False, metrics=metrics)
+        report(outcome, final=False, observers=observers)
         if outcome.ok or not outcome.retryable or attempt > session_request.retries:
             break
         await sleep(retry_policy.delay(attempt))
         attempt += 1
-    report_outcome(outcome, final=True, metrics=metrics)
+    report(outcome, final=True, observers=observers)
     return outcome

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,16 +11,17 @@ from typing import Any
 import dns.asyncresolver
 from pydantic import BaseModel, ConfigDict
 
-from monitoring.metrics import SessionMetrics
-from tasks.discovery import discover
+from tasks.contract import attempt_time_limit
+from tasks.discovery import MAX_DISCOVERED, discover
 from tasks.errors import ErrorCategory, SessionFailure, Stage
+from tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from tasks.outcome import Outcome
-from tasks.request import DEFAULT_TIMEOUT, SessionRequest, parse_request
+from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, SessionRequest, parse_request
 from tasks.session import (
     DEFAULT_RETRY_POLICY,
+    MAX_BACKOFF,
     RetryPolicy,
     open_session,
-    report_outcome,
     utc_now,
 )
 from tasks.trust_memory import TrustMemory
@@ -46,6 +48,24 @@ def with_defaults(item: SweepItem, defaults: Mapping[str, Any]) -> SweepItem:
     return parse_request({**defaults, **item.model_dump(exclude_unset=True)})
 
 
+def request_time_limit(timeout: float, retries: int) -> float:
+    """The longest one request with in-process retries may take (each backoff at its cap)."""
+    return (retries + 1) * attempt_time_limit(timeout) + retries * MAX_BACKOFF
+
+
+def time_limit(item: SweepItem, *, concurrency: int) -> float:
+    """The longest checking `item` may take: its deadlines, retries and discovery added up."""
+    if isinstance(item, SessionRequest):
+        return request_time_limit(item.timeout, item.retries)
+    timeout, retries = item.fields.get("timeout"), item.fields.get("retries")
+    timeout = float(timeout) if isinstance(timeout, int | float) else DEFAULT_TIMEOUT
+    retries = retries if isinstance(retries, int) else DEFAULT_RETRIES
+    # Two queries (SRV, then MX), each bounded by the timeout; then the hosts, as many at
+    # once as the concurrency allows.
+    rounds = math.ceil(MAX_DISCOVERED / concurrency)
+    return 2 * timeout + rounds * request_time_limit(timeout, retries)
+
+
 class SweepSummary(BaseModel):
     """The `smtp_session.sweep` result."""
 
@@ -66,7 +86,7 @@ class SweepSummary(BaseModel):
 class _Sweep:
     concurrency: int
     environ: Mapping[str, str] | None
-    metrics: SessionMetrics | None
+    observers: Sequence[SessionObserver]
     trust_memory: TrustMemory | None
     retry_policy: RetryPolicy
     on_outcome: Callable[[Outcome], None] | None
@@ -86,7 +106,7 @@ class _Sweep:
             outcome = await open_session(
                 request,
                 environ=self.environ,
-                metrics=self.metrics,
+                observers=self.observers,
                 trust_memory=self.trust_memory,
                 retry_policy=self.retry_policy,
             )
@@ -113,7 +133,7 @@ class _Sweep:
                 target=target if isinstance(target, str) else None,
                 started_at=utc_now(),
             )
-            report_outcome(outcome, final=True, metrics=self.metrics)
+            report(outcome, final=True, observers=self.observers)
             return [self._done(outcome)]
         requests = [{"port": found.port, **check.fields, "host": found.host} for found in hosts]
         return list(await asyncio.gather(*(self.session(request) for request in requests)))
@@ -129,7 +149,7 @@ async def sweep(
     *,
     concurrency: int,
     environ: Mapping[str, str] | None = None,
-    metrics: SessionMetrics | None = None,
+    observers: Sequence[SessionObserver] = DEFAULT_OBSERVERS,
     trust_memory: TrustMemory | None = None,
     retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     on_outcome: Callable[[Outcome], None] | None = None,
@@ -145,7 +165,9 @@ async def sweep(
         raise ValueError("concurrency must be at least 1")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    runner = _Sweep(concurrency, environ, metrics, trust_memory, retry_policy, on_outcome, resolver)
+    runner = _Sweep(
+        concurrency, environ, observers, trust_memory, retry_policy, on_outcome, resolver
+    )
     nested = await asyncio.gather(*(runner.item(item) for item in items))
     outcomes = [outcome for group in nested for outcome in group]
     ok = sum(outcome.ok for outcome in outcomes)

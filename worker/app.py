@@ -1,33 +1,55 @@
-"""The Celery app, built from settings: `celery -A worker.app worker` finds `app` here."""
+"""The Celery app, built from settings: `celery -A worker.app worker` finds `app` here.
+
+One worker process runs many sessions at once: Celery's `threads` pool, whose threads
+hand their sessions to one event loop per process (tasks.background_loop). Measured in
+bench/worker_path.py against the prefork pool (one session per process at a time) and
+against threads that each run their own loop: see the README, "Benchmarks".
+"""
 
 from __future__ import annotations
 
-from monitoring.exporter import use_multiprocess_dir
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+
+from tasks.background_loop import HARD_LIMIT_GRACE
+from tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE
+from tasks.contract import CHECK_TARGET_TASK, attempt_time_limit
+from tasks.session import MAX_BACKOFF
+from tasks.sweep import SweepItem, time_limit, with_defaults
+from worker import signals
 from worker.settings import Settings, load_settings
-
-# prometheus_client picks its multiprocess mode when first imported, so the directory is
-# named before anything below imports it (and nothing above may import it: the test of 50
-# sessions over 4 pool processes fails if one does); pool processes inherit it at fork.
-_settings = load_settings()
-use_multiprocess_dir(_settings.data_dir / "metrics")
-
-from datetime import timedelta  # noqa: E402 - after the multiprocess directory is set
-from typing import Any  # noqa: E402
-
-from celery import Celery  # noqa: E402
-
-from tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE  # noqa: E402
-from tasks.contract import CHECK_TARGET_TASK, time_limits  # noqa: E402
-from tasks.request import MAX_TIMEOUT  # noqa: E402
-from tasks.session import MAX_BACKOFF  # noqa: E402
-from worker import signals  # noqa: E402
-from worker.targets import Target, load_targets  # noqa: E402
+from worker.targets import Target, load_targets
 
 RESULT_EXPIRES = 24 * 3600
-VISIBILITY_MARGIN = 60.0
+VISIBILITY_MARGIN = 10.0
+#: Seconds between the worker's scans for messages a killed worker left unacknowledged.
+RESTORE_INTERVAL = 5
 
 
-def _transport_options(settings: Settings) -> dict[str, Any]:
+def longest_task(settings: Settings, items: list[SweepItem]) -> float:
+    """Seconds the longest task this worker may run can take: an ad hoc request at the
+    longest allowed timeout, or a configured target with its retries and discovery."""
+    concurrency, defaults = settings.sweep_concurrency, settings.request_defaults()
+    return max(
+        [attempt_time_limit(settings.max_timeout)]
+        + [time_limit(with_defaults(item, defaults), concurrency=concurrency) for item in items]
+    )
+
+
+def redelivery_timeout(settings: Settings, items: list[SweepItem]) -> int:
+    """Redis's visibility timeout: how long a message may stay unacknowledged.
+
+    With late acks a message stays unacknowledged while its task runs, and a retry waits
+    in the worker as an ETA message for up to MAX_BACKOFF: the timeout must outlast both,
+    or Redis would hand a running task to a second worker. It is also how long the tasks
+    of a worker killed as a whole wait before another worker gets them.
+    """
+    return int(longest_task(settings, items) + HARD_LIMIT_GRACE + MAX_BACKOFF + VISIBILITY_MARGIN)
+
+
+def _transport_options(settings: Settings, items: list[SweepItem]) -> dict[str, Any]:
     if settings.embedded_broker:
         queue = settings.data_dir / "broker" / "queue"
         control = settings.data_dir / "broker" / "control"
@@ -38,12 +60,12 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "data_folder_out": str(queue),
             "control_folder": str(control),
         }
-    _, hard = time_limits(MAX_TIMEOUT)
-    # Redis re-delivers a message nobody acknowledged within visibility_timeout. With late
-    # acks a message stays unacknowledged while it runs, and a retry waits in the worker
-    # as an ETA message for up to MAX_BACKOFF: the timeout must outlast both, or Redis
-    # would hand a running task to a second worker.
-    return {"visibility_timeout": int(hard + MAX_BACKOFF + VISIBILITY_MARGIN)}
+    return {
+        "visibility_timeout": redelivery_timeout(settings, items),
+        # Scan for expired messages every few seconds, not kombu's default 100 s.
+        "unacked_restore_interval": RESTORE_INTERVAL,
+        "unacked_restore_throttle": 1,
+    }
 
 
 def beat_schedule(targets: list[Target]) -> dict[str, dict[str, Any]]:
@@ -67,27 +89,28 @@ def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured for at-least-once delivery of session checks."""
     settings = settings or load_settings()
     targets = load_targets(settings.targets) if settings.targets is not None else []
+    items = [target.sweep_item() for target in targets]
     if not settings.result_backend:
         (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
     celery = Celery("smtp_session", include=["tasks.celery_tasks"])
-    soft, hard = time_limits(MAX_TIMEOUT)
     celery.conf.update(
         broker_url=settings.effective_broker_url,
         result_backend=settings.effective_result_backend,
-        broker_transport_options=_transport_options(settings),
+        broker_transport_options=_transport_options(settings, items),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        # Acknowledge after the task ran, and requeue when a pool process dies mid-task
-        # (SIGKILL, OOM): a lost worker process never loses the check it was running.
+        # Acknowledge after the task ran, and requeue what a stopping worker still held:
+        # a lost worker never loses the check it was running.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # One message per pool process: a crash strands nothing beyond what was running.
+        # Many sessions per process, each in a pool thread that waits on the shared loop.
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        # One message per thread: a crash strands nothing beyond what was running.
         worker_prefetch_multiplier=1,
-        # Backstops for bugs only, sized so that no valid request (timeout up to
-        # MAX_TIMEOUT) is cut; `enqueue` and the client send tighter per-message limits.
-        task_soft_time_limit=soft,
-        task_time_limit=hard,
+        # The threads pool enforces no time limits: the tasks bound themselves (each
+        # session's deadlines, then tasks.background_loop's limit per task).
         # A broker that is down at start or goes away later is waited for, forever.
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
@@ -95,7 +118,6 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_track_started=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        worker_pool="prefork",
         beat_schedule=beat_schedule(targets),
     )
     setattr(celery, SETTINGS_ATTRIBUTE, settings)
@@ -104,4 +126,4 @@ def create_app(settings: Settings | None = None) -> Celery:
     return celery
 
 
-app = create_app(_settings)
+app = create_app()

@@ -22,7 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from monitoring.logging import configure_logging
-from tasks.contract import time_limits
+from tasks.contract import attempt_time_limit
 from tasks.errors import ErrorCategory, InvalidRequest
 from tasks.outcome import Outcome
 from tasks.request import parse_request
@@ -30,7 +30,7 @@ from tasks.session import MAX_BACKOFF, open_session, rejected
 from tasks.sweep import SweepSummary, with_defaults
 from tasks.sweep import sweep as run_sweep
 from tasks.trust_memory import TrustMemory
-from worker.settings import InvalidSettings, Settings, load_settings
+from worker.settings import MAX_WORKER_CONCURRENCY, InvalidSettings, Settings, load_settings
 from worker.targets import InvalidTargets, load_targets
 
 EXIT_OK = 0
@@ -207,8 +207,9 @@ def enqueue(
     if not wait:
         click.echo(task_id)
         return
-    _, hard = time_limits(request.timeout)
-    budget = wait_timeout or (request.retries + 1) * (hard + MAX_BACKOFF)
+    budget = wait_timeout or (request.retries + 1) * (
+        attempt_time_limit(request.timeout) + MAX_BACKOFF
+    )
     try:
         outcome = result(app, task_id, timeout=budget)
     except CeleryTimeoutError:
@@ -219,10 +220,18 @@ def enqueue(
 
 @main.command()
 @click.option("--beat", is_flag=True, help="Embed the beat scheduler (one per deployment).")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Pool processes.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1, max=MAX_WORKER_CONCURRENCY),
+    help="Sessions at once (default: $SMTP_SESSION_WORKER_CONCURRENCY, 100).",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
-    """Run the Celery worker (prefork) with the metrics exporter."""
+    """Run the Celery worker with the metrics exporter.
+
+    One process runs many sessions at once on one event loop; for more cores, start
+    more workers (see the README, "From one machine to many").
+    """
     settings = _settings_or_exit()
     if settings.targets is not None:
         try:
@@ -231,15 +240,12 @@ def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
             click.echo(f"smtp-session: {exc}", err=True)
             sys.exit(EXIT_INVALID)
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker"]
-    argv += [f"--loglevel={loglevel}", "--pool=prefork"]
-    if concurrency:
-        argv.append(f"--concurrency={concurrency}")
+    argv += [f"--loglevel={loglevel}", "--pool=threads"]
+    argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
     if beat:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={settings.data_dir / 'beat-schedule'}"]
-    # A fresh interpreter, exactly as `celery -A worker.app worker` runs: prometheus_client
-    # must be imported after worker.app has named the multiprocess directory, and this
-    # process has imported it already.
+    # A fresh interpreter, exactly as `celery -A worker.app worker` runs.
     os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, argv built above
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from tasks.contract import OPEN_TASK, time_limits
+from tasks.contract import OPEN_TASK
 from tasks.outcome import Outcome
 from tasks.request import parse_request
 
@@ -27,13 +27,9 @@ def submit(app: Celery, **fields: Any) -> str:
     InvalidRequest (naming the field) before anything is enqueued. Credentials go as a
     reference name; the worker resolves the secret.
     """
-    request = parse_request(fields)
-    options: dict[str, float] = {}
-    if "timeout" in fields:
-        # Limits sized to this request; without a timeout the worker's own default applies,
-        # and so do the worker's limits, which suit any valid timeout.
-        options["soft_time_limit"], options["time_limit"] = time_limits(request.timeout)
-    sent = app.send_task(OPEN_TASK, kwargs=fields, **options)
+    parse_request(fields)
+    # No time limits in the message: the worker bounds each task by the request's timeout.
+    sent = app.send_task(OPEN_TASK, kwargs=fields)
     return str(sent.id)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.contract import DEFAULT_CONCURRENCY
@@ -14,6 +14,8 @@ from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, MAX_RETRIES, MAX_TIM
 
 ENV_PREFIX = "SMTP_SESSION_"
 DEFAULT_METRICS_PORT = 9808
+DEFAULT_MAX_TIMEOUT = 60.0
+MAX_WORKER_CONCURRENCY = 2000
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the worker from elsewhere
 
 
@@ -46,6 +48,21 @@ class Settings(BaseSettings):
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)
     retries: int = Field(default=DEFAULT_RETRIES, ge=0, le=MAX_RETRIES)
     sweep_concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=10_000)
+    # Sessions one worker process runs at once (its pool threads, sharing one event loop).
+    worker_concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=MAX_WORKER_CONCURRENCY)
+    # The longest `timeout` a worker accepts; it bounds how long a task can run, and so
+    # how soon Redis hands the tasks of a killed worker to another one.
+    max_timeout: float = Field(
+        default=DEFAULT_MAX_TIMEOUT, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False
+    )
+
+    @model_validator(mode="after")
+    def _timeout_within_max(self) -> Settings:
+        if self.timeout > self.max_timeout:
+            raise ValueError(
+                f"timeout: must be at most {ENV_PREFIX}MAX_TIMEOUT ({self.max_timeout:g} s)"
+            )
+        return self
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
@@ -92,8 +109,11 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "?"
         problem = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            field = str(error["loc"][0])
+        else:  # a check across fields names its field first: "timeout: must be …"
+            field, _, problem = problem.partition(": ")
         raise InvalidSettings(
             ENV_PREFIX + field.upper(), problem[:1].lower() + problem[1:]
         ) from None

@@ -12,19 +12,13 @@ import logging
 import os
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
 from celery import signals
 from celery.apps import worker as celery_worker
 
-from monitoring.exporter import (
-    MULTIPROC_VARIABLE,
-    mark_process_dead,
-    start_exporter,
-    wipe_multiprocess_dir,
-)
+from monitoring.exporter import start_exporter
 from monitoring.logging import configure_logging
 from tasks.celery_tasks import process_metrics
 from worker.settings import Settings
@@ -82,17 +76,9 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
         celery_worker.Worker.emit_banner = _banner_as_log
 
 
-@signals.worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
-def _reset_metrics(sender: Any = None, **_: Any) -> None:
-    """Main process, before the pool forks: counters start from zero with the worker."""
-    directory = os.environ.get(MULTIPROC_VARIABLE)
-    if directory:
-        wipe_multiprocess_dir(Path(directory))
-
-
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _serve_metrics(sender: Any = None, **_: Any) -> None:
-    """Main process: one /metrics endpoint aggregating every pool process."""
+    """One /metrics endpoint for the worker process and every session it runs."""
     listen = _current().listen_address
     if listen is None:
         log.info("metrics.disabled")
@@ -114,7 +100,7 @@ def _serve_metrics(sender: Any = None, **_: Any) -> None:
 
 @signals.task_prerun.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _bind_task_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    # Pool processes are reused: clear what the previous task bound before binding anew.
+    # Pool threads are reused: clear what the previous task bound before binding anew.
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_id=task_id, task_name=getattr(task, "name", None))
 
@@ -123,9 +109,3 @@ def _bind_task_context(task_id: str | None = None, task: Any = None, **_: Any) -
 def _unbind_task_context(**_: Any) -> None:
     # Lines logged between tasks (heartbeats, the pool) belong to no task.
     structlog.contextvars.clear_contextvars()
-
-
-@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
-def _forget_pool_process(pid: int | None = None, **_: Any) -> None:
-    if pid is not None and os.environ.get(MULTIPROC_VARIABLE):
-        mark_process_dead(pid)

@@ -24,7 +24,7 @@ class Recorder:
         return await open_session(
             {"host": LOOPBACK, "port": port, **fields},
             retry_policy=FAST_RETRY,
-            metrics=self.metrics,
+            observers=[self.metrics],
         )
 
     def value(self, name: str, **labels: str) -> float | None:

@@ -38,7 +38,8 @@ from prometheus_client.samples import Sample
 
 from tasks.errors import Stage
 from tasks.outcome import Outcome
-from tasks.session import open_session, report_outcome
+from tasks.observe import LOG, report
+from tasks.session import open_session
 from tests.integration.conftest import (
     START_TIMEOUT,
     STOP_TIMEOUT,
@@ -814,7 +815,7 @@ def test_task_prerun_receiver_clears_the_previous_task_and_binds_this_one() -> N
     with structlog.testing.capture_logs(
         processors=[structlog.contextvars.merge_contextvars]
     ) as events:
-        report_outcome(outcome, final=True, metrics=None)
+        report(outcome, final=True, observers=(LOG,))
     assert (events[0]["task_id"], events[0]["task_name"]) == ("t-1", OPEN_TASK)
 
 

@@ -304,8 +304,8 @@ class StandInExporter:
     def record(self, *attempts: Outcome) -> None:
         """One request: its attempts, the last one being the final outcome."""
         for outcome in attempts:
-            self.metrics.observe_attempt(outcome)
-        self.metrics.observe_result(attempts[-1])
+            self.metrics.attempt_ended(outcome)
+        self.metrics.request_ended(attempts[-1])
 
     def run_sessions(self) -> int:
         """One request per scenario; how many."""

@@ -1,0 +1,69 @@
+"""What the session core tells about its work, and to whom: observers it is given.
+
+The core imports neither Celery nor prometheus_client. It calls `attempt_ended` after
+every attempt and `request_ended` once per request; the JSON log (here) and the
+Prometheus metrics (monitoring.metrics) are two implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+
+from tasks.outcome import Outcome
+
+log = structlog.get_logger("smtp_session")
+
+
+class SessionObserver(Protocol):
+    """Told about every attempt and every final outcome of a session request."""
+
+    def attempt_ended(self, outcome: Outcome) -> None:
+        """One attempt ended; its Outcome carries that attempt's timings and trust."""
+
+    def request_ended(self, outcome: Outcome) -> None:
+        """The request ended, after its retries: this is its final Outcome."""
+
+
+class LogObserver:
+    """`session.attempt` for every attempt, `session.result` for the final outcome."""
+
+    def attempt_ended(self, outcome: Outcome) -> None:
+        _log_outcome("session.attempt", outcome)
+
+    def request_ended(self, outcome: Outcome) -> None:
+        _log_outcome("session.result", outcome)
+
+
+def _log_outcome(event: str, outcome: Outcome) -> None:
+    tls = outcome.tls
+    log.info(
+        event,
+        ok=outcome.ok,
+        err_message=outcome.err_message,
+        error=outcome.error.value if outcome.error else None,
+        stage=outcome.stage.value,
+        host=outcome.host,
+        port=outcome.port,
+        target=outcome.target,
+        attempt=outcome.attempts,
+        trust=tls.trust if tls else None,
+        fallback=tls.fallback if tls else False,
+        duration_s=outcome.timings.total,
+    )
+
+
+LOG = LogObserver()
+#: What open_session and sweep report to unless told otherwise: the log only.
+DEFAULT_OBSERVERS: Sequence[SessionObserver] = (LOG,)
+
+
+def report(outcome: Outcome, *, final: bool, observers: Sequence[SessionObserver]) -> None:
+    """Tell every observer that an attempt (or, when `final`, the request) ended."""
+    for observer in observers:
+        if final:
+            observer.request_ended(outcome)
+        else:
+            observer.attempt_ended(outcome)
