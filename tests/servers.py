@@ -83,6 +83,7 @@ RawBehaviour = Literal[
     "close_after_banner",
     "silent_after_banner",
     "reset_on_connect",
+    "held_session",
 ]
 RAW_BEHAVIOURS: tuple[RawBehaviour, ...] = get_args(RawBehaviour)
 
@@ -100,6 +101,9 @@ SLOW_DRIP_START = b"220 "
 #: The slow-drip fault: one byte of banner per interval, never a newline.
 SLOW_DRIP_INTERVAL = 0.2
 SLOW_DRIP_TEXT = b"localhost ESMTP slowly "
+#: The held-session server: how long it holds each session before its greeting, like a
+#: far-away provider, then answers EHLO and QUIT at once.
+HELD_SESSION_SECONDS = 1.0
 
 _READ_SIZE = 65_536
 # A client line longer than this is recorded truncated; aiosmtpd rejects it anyway.
@@ -143,6 +147,7 @@ class _LoopbackServer(abc.ABC):
         self.host = LOOPBACK
         self.port = 0
         self.connections_accepted = 0
+        self.peak_open_connections = 0
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.BaseTransport] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -178,6 +183,7 @@ class _LoopbackServer(abc.ABC):
 
     def _track(self, transport: asyncio.BaseTransport) -> None:
         self._open.add(transport)
+        self.peak_open_connections = max(self.peak_open_connections, len(self._open))
         self._notify()
 
     def _untrack(self, transport: asyncio.BaseTransport | None) -> None:
@@ -645,6 +651,18 @@ async def _reset_on_connect(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.transport.abort()
 
 
+async def _held_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(HELD_SESSION_SECONDS)  # the fault: a slow, far-away server
+    writer.write(BANNER_OK)
+    await writer.drain()
+    while line := await reader.readline():
+        if line[:4].upper() == b"QUIT":
+            await _send_and_close(writer, b"221 bye\r\n")
+            return
+        writer.write(b"250 ok\r\n")
+        await writer.drain()
+
+
 _BEHAVIOURS: dict[RawBehaviour, Behaviour] = {
     "silent": _silent,
     "banner_421": _banner_421,
@@ -656,6 +674,7 @@ _BEHAVIOURS: dict[RawBehaviour, Behaviour] = {
     "close_after_banner": _close_after_banner,
     "silent_after_banner": _silent_after_banner,
     "reset_on_connect": _reset_on_connect,
+    "held_session": _held_session,
 }
 
 
@@ -672,6 +691,8 @@ class RawServer(_LoopbackServer):
     * ``close_after_banner``: sends ``220 ok``, closes on the client's first line (EHLO).
     * ``silent_after_banner``: sends a 220 banner, then never answers anything.
     * ``reset_on_connect``: accepts, then resets (RST) at once.
+    * ``held_session``: greets after :data:`HELD_SESSION_SECONDS`, then answers every
+      command with 250 and QUIT with 221: a whole session that takes that long.
     """
 
     def __init__(self, behaviour: RawBehaviour) -> None:

@@ -282,6 +282,10 @@ class WorkerProcess:
         with self._changed:
             return len(self.lines)
 
+    def wait_exit(self, *, timeout: float) -> int:
+        """Wait for the worker to exit by itself; its exit status."""
+        return self._process.wait(timeout)
+
     def stop(self) -> None:
         """Kill the worker's whole process group (main process and pool) and reap it."""
         # The group, even if the main process is gone: its pool may not be.
@@ -308,6 +312,8 @@ WorkerFactory = Callable[..., WorkerProcess]
 def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     """``start_worker(env=..., celery_cli=False, concurrency=2, beat=False)`` starts a worker.
 
+    ``concurrency``: sessions at once (``None``: the worker's default, 100).
+
     ``env`` is the whole environment (see :func:`worker_env`). With ``celery_cli`` the
     worker is started as ``celery -A worker.app worker`` instead of ``smtp-session worker``;
     with ``beat`` it embeds the beat scheduler (``smtp-session worker --beat``).
@@ -319,14 +325,15 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         *,
         env: Mapping[str, str],
         celery_cli: bool = False,
-        concurrency: int = 2,
+        concurrency: int | None = 2,
         beat: bool = False,
     ) -> WorkerProcess:
         if celery_cli:
             argv = [str(BIN / "celery"), "-A", "worker.app", "worker", "--loglevel=INFO"]
         else:
             argv = [str(BIN / "smtp-session"), "worker", *(["--beat"] if beat else [])]
-        argv.append(f"--concurrency={concurrency}")
+        if concurrency is not None:  # None: the worker's default
+            argv.append(f"--concurrency={concurrency}")
         worker = WorkerProcess(argv, env, tmp_path / f"worker-{len(workers)}.log")
         workers.append(worker)
         return worker

@@ -38,8 +38,9 @@ import dockerfile  # type: ignore[import-not-found]  # compiled, ships no type i
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed marker
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
-from monitoring.exporter import MULTIPROC_VARIABLE
 from tasks.secrets import ENV_PREFIX as SECRET_PREFIX
 from tasks.secrets import SECRETS_DIR_VARIABLE
 from tests.integration.conftest import RedisServer, WorkerProcess
@@ -92,12 +93,23 @@ _SMTP_SESSION_TOKEN = re.compile(r"\bSMTP_SESSION_[A-Z0-9_]*")
 
 
 def known_variable(name: str) -> bool:
-    """A variable the worker reads: a setting, a secret, the secrets dir, the metrics dir."""
+    """A variable the worker reads: a setting, a secret, the secrets dir."""
     return (
         name in _SETTING_NAMES
-        or name in {SECRETS_DIR_VARIABLE, MULTIPROC_VARIABLE}
+        or name == SECRETS_DIR_VARIABLE
         or _SECRET_NAME.fullmatch(name) is not None
     )
+
+
+def inherited_env() -> dict[str, str]:
+    """This process's environment without our settings: what a deploy file's adds to.
+
+    A PROMETHEUS_MULTIPROC_DIR left in the test's shell would switch prometheus_client
+    into multiprocess mode in the worker, which nothing under deploy/ does.
+    """
+    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
 
 
 # ----------------------------------------------------------------------------- Dockerfile
@@ -213,14 +225,8 @@ def test_dockerfile_copies_only_what_its_ignore_file_lets_in(image: Image) -> No
     assert set(pyproject["tool"]["setuptools"]["packages"]) <= copied
 
 
-def test_dockerfile_serves_metrics_and_keeps_the_multiprocess_dir_below_a_mount(
-    image: Image,
-) -> None:
+def test_dockerfile_serves_metrics_and_creates_its_data_dir(image: Image) -> None:
     assert image.exposed == [str(DEFAULT_METRICS_PORT)]
-    multiproc = PurePosixPath(image.env[MULTIPROC_VARIABLE])
-    # The worker deletes and recreates the directory: it cannot be a mount point itself,
-    # so the image creates its parent (the tmpfs or emptyDir goes there).
-    assert any(str(multiproc.parent) in run for run in image.run), image.run
     assert any(image.env[ENV_PREFIX + "DATA_DIR"] in run for run in image.run), image.run
 
 
@@ -322,10 +328,7 @@ def test_compose_gives_secrets_as_files_in_the_secrets_dir(compose: dict[str, An
 def test_compose_puts_writable_paths_on_tmpfs_or_volumes(compose: dict[str, Any]) -> None:
     worker, beat = compose["services"]["worker"], compose["services"]["beat"]
     for service in (worker, beat):
-        multiproc = PurePosixPath(service["environment"][MULTIPROC_VARIABLE])
-        # One level below the tmpfs: the worker deletes and recreates the directory.
-        assert multiproc.parent in _tmpfs_targets(service), service
-        assert CONTAINER_TMP in _tmpfs_targets(service)
+        assert CONTAINER_TMP in _tmpfs_targets(service), service
     data_dir = PurePosixPath(worker["environment"][ENV_PREFIX + "DATA_DIR"])
     assert data_dir in _tmpfs_targets(worker)
     # Beat's schedule lives on in a named volume.
@@ -429,6 +432,13 @@ def kubernetes_argv(container: Mapping[str, Any], image: Image) -> list[str]:
     return image.entrypoint + list(container.get("args", image.cmd))
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in binary units (`384Mi`) as bytes."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", quantity)
+    assert match, f"memory {quantity!r}: write it in Ki, Mi or Gi"
+    return int(match[1]) << (10 * ("KMG".index(match[2][0]) + 1))
+
+
 def kubernetes_env(
     container: Mapping[str, Any], manifests: Sequence[tuple[Path, dict[str, Any]]]
 ) -> dict[str, str]:
@@ -475,14 +485,14 @@ def test_kubernetes_worker_deployment(
     )
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert set(container["resources"]) == {"requests", "limits"}
+    resources = container["resources"]
+    assert set(resources) == {"requests", "limits"}
+    memory = {kind: quantity_bytes(resources[kind]["memory"]) for kind in resources}
+    assert memory["requests"] <= memory["limits"], resources
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert probe in container
-    # Every path the worker writes is a volume of its own; the multiprocess directory one
-    # level below a memory-backed emptyDir.
+    # Every path the worker writes is a volume of its own.
     volumes = mounted_volumes(worker)
-    multiproc = PurePosixPath(env[MULTIPROC_VARIABLE])
-    assert volumes[multiproc.parent]["emptyDir"]["medium"] == "Memory"
     assert "emptyDir" in volumes[PurePosixPath(env[ENV_PREFIX + "DATA_DIR"])]
     assert "emptyDir" in volumes[CONTAINER_TMP]
     # Credentials as files, from the Secret; the targets file from its ConfigMap.
@@ -571,9 +581,6 @@ def test_kubernetes_single_beat_recreated_never_rolled(
     volumes = mounted_volumes(beat)
     (schedule,) = [arg for arg in container["command"] if arg.startswith("--schedule=")]
     assert "emptyDir" in volumes[PurePosixPath(schedule.split("=", 1)[1]).parent]
-    # The image's PROMETHEUS_MULTIPROC_DIR is created under a writable mount here too.
-    multiproc = PurePosixPath(env.get(MULTIPROC_VARIABLE, read_image().env[MULTIPROC_VARIABLE]))
-    assert "emptyDir" in volumes[multiproc.parent]
     assert SECRETS_DIR_VARIABLE not in env  # beat never opens a session
 
 
@@ -681,19 +688,16 @@ def test_systemd_unit_is_hardened(path: Path, tmp_path: Path) -> None:
         assert unit.one(key) == value, key
 
 
-def test_systemd_units_share_a_user_and_state_and_keep_their_own_runtime() -> None:
+def test_systemd_units_share_a_user_and_state() -> None:
     worker, beat = (Unit(path) for path in UNITS)
     for unit in (worker, beat):
         assert unit.one("EnvironmentFile") == f"/etc/smtp-session/{ENV_FILE.name}"
-        env = unit.environment
-        # %S and %t: systemd's state (/var/lib) and runtime (/run) directories.
-        assert env[ENV_PREFIX + "DATA_DIR"] == f"%S/{unit.one('StateDirectory')}"
-        assert env[MULTIPROC_VARIABLE] == f"%t/{unit.one('RuntimeDirectory')}/metrics"
+        # %S: systemd's state directory (/var/lib).
+        assert unit.environment[ENV_PREFIX + "DATA_DIR"] == f"%S/{unit.one('StateDirectory')}"
     # Beat and the worker are one dynamic user sharing one state directory: on one
     # machine, the embedded broker's queue in it.
     assert worker.one("User") == beat.one("User")
     assert worker.one("StateDirectory") == beat.one("StateDirectory")
-    assert worker.one("RuntimeDirectory") != beat.one("RuntimeDirectory")
     # %d: the credentials directory (LoadCredential=), readable by the service alone.
     assert worker.environment[SECRETS_DIR_VARIABLE] == "%d"
     (schedule,) = [arg for arg in beat.argv if arg.startswith("--schedule=")]
@@ -841,10 +845,7 @@ def _options(argv: Sequence[str]) -> list[str]:
 
 
 def _help_env(tmp_path: Path) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
-    env[ENV_PREFIX + "DATA_DIR"] = str(tmp_path / "data")
-    env[MULTIPROC_VARIABLE] = str(tmp_path / "data" / "metrics")
-    return env
+    return inherited_env() | {ENV_PREFIX + "DATA_DIR": str(tmp_path / "data")}
 
 
 def _help(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
@@ -917,16 +918,13 @@ def container_env(
     test's), the targets file (the example), /metrics on a free loopback port.
     """
     image = read_image()
-    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
-    env.pop(MULTIPROC_VARIABLE, None)
+    env = inherited_env()
     env |= {name: value for name, value in image.env.items() if name != "PATH"}
     env |= dict(declared)
-    (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "secrets").mkdir(exist_ok=True)
     replaced = {
         ENV_PREFIX + "BROKER_URL": redis.url,
         ENV_PREFIX + "DATA_DIR": str(tmp_path / "data"),
-        MULTIPROC_VARIABLE: str(tmp_path / "run" / PurePosixPath(env[MULTIPROC_VARIABLE]).name),
         SECRETS_DIR_VARIABLE: str(tmp_path / "secrets"),
         ENV_PREFIX + "TARGETS": str(TARGETS_EXAMPLE),
         ENV_PREFIX + "METRICS_LISTEN": "127.0.0.1:0",
@@ -936,6 +934,27 @@ def container_env(
     # The image puts its virtual environment first on PATH: so does this test.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def scrape(url: str, prefix: str) -> list[Sample]:
+    """The samples of /metrics at `url` whose names start with `prefix`."""
+    assert url.startswith("http://127.0.0.1:"), url
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:  # noqa: S310 - checked
+        text = response.read().decode("utf-8")
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(prefix)
+    ]
+
+
+def session_samples(url: str) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+    """The smtp_session_* samples of /metrics at `url`, in a comparable order."""
+    return sorted(
+        (sample.name, tuple(sorted(sample.labels.items())), sample.value)
+        for sample in scrape(url, "smtp_session_")
+    )
 
 
 def _run_concurrently(
@@ -979,8 +998,9 @@ def test_the_image_command_runs_a_worker_that_the_healthcheck_and_probes_find(
         here = env | {"HOSTNAME": socket.gethostname()}
         elsewhere = env | {"HOSTNAME": f"not-{socket.gethostname()}"}
         liveness = container["livenessProbe"]["exec"]["command"]
-        multiproc = Path(env[MULTIPROC_VARIABLE])
-        files_before = sorted(multiproc.iterdir())
+        samples_before = session_samples(url)
+        # The configured targets' zeros at least (declared at start): something to compare.
+        assert samples_before, url
         # Another node's name waits out the whole --timeout for an answer that never comes:
         # a later --timeout (the last one counts) keeps that wait short.
         shell, flag, command = image.healthcheck
@@ -995,8 +1015,13 @@ def test_the_image_command_runs_a_worker_that_the_healthcheck_and_probes_find(
         assert alive.returncode == 0, alive.stdout + alive.stderr
         # Another node's name gets no answer: the check is about this container's worker.
         assert other_node.returncode != 0, other_node.stdout
-        # A health check imports the app but records nothing into the worker's metrics.
-        assert sorted(multiproc.iterdir()) == files_before
+        # The checks ask the worker's node, which answers them without recording anything
+        # into its session metrics.
+        assert session_samples(url) == samples_before
+        # One process with its sessions' threads, idle, fits the pod's memory limit.
+        limit = quantity_bytes(container["resources"]["limits"]["memory"])
+        (rss,) = scrape(url, "process_resident_memory_bytes")
+        assert 0 < rss.value < limit, (rss.value, limit)
         assert worker.running
     finally:
         worker.stop()
@@ -1030,22 +1055,20 @@ def unit_process(
 ) -> tuple[list[str], dict[str, str]]:
     """A unit's command line and environment, outside systemd: its directories in tmp_path.
 
-    %S and %t (the state and runtime directories, /var/lib and /run) become folders of the
-    test; the env file's active lines apply, then `extra`.
+    %S (the state directory, /var/lib) becomes a folder of the test; the env file's active
+    lines apply, then `extra`.
     """
-    specifiers = {"%S": str(tmp_path / "state"), "%t": str(tmp_path / "run")}
+    specifiers = {"%S": str(tmp_path / "state")}
 
     def expand(value: str) -> str:
         for specifier, folder in specifiers.items():
             value = value.replace(specifier, folder)
         return value
 
-    # What StateDirectory= and RuntimeDirectory= have systemd create before the start.
+    # What StateDirectory= has systemd create before the start.
     (tmp_path / "state" / unit.one("StateDirectory")).mkdir(parents=True, exist_ok=True)
-    (tmp_path / "run" / unit.one("RuntimeDirectory")).mkdir(parents=True, exist_ok=True)
     argv = [expand(arg) for arg in Invocation(unit.path.name, unit.argv).local]
-    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
-    env.pop(MULTIPROC_VARIABLE, None)
+    env = inherited_env()
     env |= read_env_file(ENV_FILE, commented=False)
     env |= {name: expand(value) for name, value in unit.environment.items()}
     env |= dict(extra)

@@ -23,6 +23,7 @@ from tests.servers import (
     BANNER_OK,
     EXPIRED_NOT_AFTER,
     GARBAGE,
+    HELD_SESSION_SECONDS,
     HTTP_400,
     LOOPBACK,
     SLOW_DRIP_START,
@@ -324,6 +325,25 @@ async def test_reset_on_connect(raw_server_factory: RawServerFactory) -> None:
         await asyncio.wait_for(reader.read(), READ_TIMEOUT)
     await close(writer)
     assert server.connections_accepted == 1
+
+
+async def test_held_session(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("held_session")
+    loop = asyncio.get_running_loop()
+    opened = [await asyncio.open_connection(*server.address) for _ in range(3)]
+    started = loop.time()
+    # Three sessions held at once, each greeted after the hold, not one after the other.
+    greetings = await asyncio.gather(*(read_line(reader) for reader, _ in opened))
+    assert greetings == [BANNER_OK] * 3
+    assert HELD_SESSION_SECONDS * 0.9 <= loop.time() - started < 2 * HELD_SESSION_SECONDS
+    assert server.peak_open_connections == 3
+    reader, writer = opened[0]
+    writer.write(b"EHLO client.example\r\nQUIT\r\n")
+    assert await read_line(reader) == b"250 ok\r\n"
+    assert await read_line(reader) == b"221 bye\r\n"
+    for _, other in opened:
+        await close(other)
+    await server.wait_idle()
 
 
 async def test_refused_port(refused_port: tuple[str, int]) -> None:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 from celery import Celery
+from celery.result import AsyncResult
 
 from tasks.outcome import Outcome
 from tests.cli import run_cli
@@ -34,10 +35,16 @@ from tests.integration.conftest import (
     wait_until_ready,
     worker_env,
 )
-from tests.servers import RawServerFactory, SmtpServerFactory
+from tests.servers import HELD_SESSION_SECONDS, RawServerFactory, SmtpServerFactory
+from worker.app import RESTORE_INTERVAL, redelivery_timeout
+from worker.settings import Settings
 
 OPEN_TASK = "smtp_session.open"  # the public task name, spelled as a web backend would
 BROKER_URL = "SMTP_SESSION_BROKER_URL"
+MAX_TIMEOUT = "SMTP_SESSION_MAX_TIMEOUT"
+TIMEOUT = "SMTP_SESSION_TIMEOUT"
+#: Sessions sent at once to a server that holds each for HELD_SESSION_SECONDS.
+HELD_SESSIONS = 50
 #: Keeps the worker off DNS for its EHLO name (socket.getfqdn may be slow in a sandbox).
 EHLO_NAME = "client.example"
 #: Bound on waiting for one task's result. The slowest task below is a killed run plus a
@@ -74,10 +81,21 @@ async def outcome_of(result: Any, *, timeout: float = RESULT_TIMEOUT) -> dict[st
     return value
 
 
-def retry_lines(worker: WorkerProcess, task_id: str) -> list[str]:
-    """Celery's "Task name[id] retry: ..." lines for that task."""
-    pattern = re.compile(rf"\[{re.escape(task_id)}\] retry\b")
-    return [line for line in worker.output().splitlines() if pattern.search(line)]
+def session_events(
+    worker: WorkerProcess, task_id: str, name: str = "session.attempt"
+) -> list[dict[str, Any]]:
+    """The worker's `name` events (a session.attempt or .result) for that task, in order.
+
+    Waits for the task's `session.result` line first: the worker writes it just before it
+    stores the result, and the test's reader thread may not have copied it yet.
+    """
+    worker.wait_for_line(
+        rf'(?=.*"event": "session\.result")(?=.*"{re.escape(task_id)}")', timeout=RESULT_TIMEOUT
+    )
+    events = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    return [
+        event for event in events if event.get("event") == name and event.get("task_id") == task_id
+    ]
 
 
 @pytest.fixture
@@ -167,46 +185,140 @@ async def test_421_is_retried_through_celery_with_the_same_task_id(
     assert outcome["smtp_code"] == 421
     assert outcome["attempts"] == 3
     assert server.connections_accepted == 3
-    # Each retry was a new delivery of the same task id (two "retry" log lines for it),
+    # Each retry was a new delivery of the same task id (three attempts logged under it),
     # and a caller polling that id finds one final result and nothing else.
-    assert len(retry_lines(redis_worker, result.id)) == 2, redis_worker.output()
+    attempts = session_events(redis_worker, result.id)
+    assert [event["attempt"] for event in attempts] == [1, 2, 3], redis_worker.output()
     assert result.state == "SUCCESS"
     with redis_server.client() as client:
         assert client.keys("celery-task-meta-*") == [f"celery-task-meta-{result.id}".encode()]
 
 
-def _parent_pid(pid: int) -> int:
-    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")".
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rpartition(")")[2].split()[1])
+def child_processes(pid: int) -> list[int]:
+    """The child processes of `pid` (a worker has none: its sessions run in its threads)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in children.split()]
 
 
-async def test_pool_process_killed_mid_task_runs_it_again(
+async def ready_worker(
+    start_worker: WorkerFactory, client: Celery, env: dict[str, str], **options: Any
+) -> WorkerProcess:
+    """A worker started with `env` (and start_worker's `options`), answering pings."""
+    worker = start_worker(env=env, **options)
+    await blocking(lambda: wait_until_ready(client, worker, timeout=START_TIMEOUT))
+    return worker
+
+
+def send_opens(client: Celery, count: int, **fields: Any) -> list[AsyncResult]:
+    return [client.send_task(OPEN_TASK, kwargs=fields) for _ in range(count)]
+
+
+async def test_fifty_held_sessions_run_at_once_in_one_worker_process(
+    redis_server: RedisServer,
+    celery_client: Celery,
+    start_worker: WorkerFactory,
+    raw_server_factory: RawServerFactory,
+    tmp_path: Path,
+) -> None:
+    server = await raw_server_factory("held_session")
+    env = worker_env(tmp_path / "data", {BROKER_URL: redis_server.url})
+    worker = await ready_worker(start_worker, celery_client, env, concurrency=None)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    results = send_opens(
+        celery_client, HELD_SESSIONS, **plain_request(server.host, server.port, retries=0)
+    )
+    outcomes = [await outcome_of(result) for result in results]
+
+    elapsed = loop.time() - started
+    assert [outcome["ok"] for outcome in outcomes] == [True] * HELD_SESSIONS, outcomes
+    # One at a time, fifty sessions held 1 s each take 50 s; at once, about one hold.
+    assert elapsed < HELD_SESSIONS * HELD_SESSION_SECONDS / 5, elapsed
+    assert server.peak_open_connections >= HELD_SESSIONS // 2, server.peak_open_connections
+    assert child_processes(worker.pid) == []  # one process did it all
+
+
+async def test_a_slow_servers_task_does_not_delay_a_fast_servers_result(
     redis_worker: WorkerProcess,
     celery_client: Celery,
     raw_server_factory: RawServerFactory,
+    smtp_server_factory: SmtpServerFactory,
 ) -> None:
+    slow = await raw_server_factory("silent")
+    fast = await smtp_server_factory(mode="plain")
+    slow_result = celery_client.send_task(
+        OPEN_TASK, kwargs=plain_request(slow.host, slow.port, timeout=HANG_TIMEOUT, retries=0)
+    )
+    await slow.wait_connections(1, timeout=RESULT_TIMEOUT)  # the slow session is running
+
+    fast_outcome = await outcome_of(
+        celery_client.send_task(OPEN_TASK, kwargs=plain_request(fast.host, fast.port)),
+        timeout=HANG_TIMEOUT,
+    )
+
+    assert fast_outcome["ok"] is True, fast_outcome
+    assert not slow_result.ready()  # still waiting for its greeting
+    slow_outcome = await outcome_of(slow_result)
+    assert slow_outcome["error"] == "timeout", slow_outcome
+
+
+async def test_a_worker_killed_as_a_whole_gets_its_task_back_after_a_restart(
+    redis_server: RedisServer,
+    celery_client: Celery,
+    start_worker: WorkerFactory,
+    raw_server_factory: RawServerFactory,
+    tmp_path: Path,
+) -> None:
+    # The longest timeout this worker accepts sets how long Redis keeps a task of a dead
+    # worker before handing it out again: short here, so the test waits under a minute.
+    limits = {MAX_TIMEOUT: str(HANG_TIMEOUT), TIMEOUT: str(HANG_TIMEOUT)}
+    env = worker_env(tmp_path / "data", {BROKER_URL: redis_server.url, **limits})
+    settings = Settings(max_timeout=HANG_TIMEOUT, timeout=HANG_TIMEOUT)
+    bound = redelivery_timeout(settings, []) + 2 * RESTORE_INTERVAL
+    first = await ready_worker(start_worker, celery_client, env)
     server = await raw_server_factory("silent")
     result = celery_client.send_task(
         OPEN_TASK, kwargs=plain_request(server.host, server.port, timeout=HANG_TIMEOUT, retries=0)
     )
-    # Connected and waiting for a greeting that never comes: the task is mid-flight.
-    await server.wait_connections(1, timeout=RESULT_TIMEOUT)
-    running = await blocking(lambda: running_task(celery_client, result.id, timeout=RESULT_TIMEOUT))
-    pool_pid = running["worker_pid"]
-    assert _parent_pid(pool_pid) == redis_worker.pid  # a pool process, not the worker itself
+    await server.wait_connections(1, timeout=RESULT_TIMEOUT)  # mid-flight
 
-    os.kill(pool_pid, signal.SIGKILL)
-    outcome = await outcome_of(result)
+    first.stop()  # SIGKILL to the whole worker: no chance to hand anything back
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+    await ready_worker(start_worker, celery_client, env)
+    outcome = await outcome_of(result, timeout=bound)
 
-    # Re-delivered (late ack + reject on worker lost) and run to the end by another
-    # pool process: the silent server times it out again, and that outcome arrives.
-    assert server.connections_accepted >= 2
-    assert outcome["error"] == "timeout", outcome
-    assert outcome["attempts"] == 1
+    # Delivered again once Redis's visibility timeout ran out, run to its end by the
+    # new worker: the silent server times it out again, and that outcome arrives.
+    assert loop.time() - killed_at <= bound
+    assert server.connections_accepted == 2
+    assert (outcome["error"], outcome["attempts"]) == ("timeout", 1), outcome
     assert result.state == "SUCCESS"
-    assert redis_worker.running
-    assert re.search(r"WorkerLostError|SIGKILL", redis_worker.output())
+
+
+async def test_sigterm_finishes_the_running_sessions_and_leaves_the_rest_queued(
+    redis_server: RedisServer,
+    celery_client: Celery,
+    start_worker: WorkerFactory,
+    raw_server_factory: RawServerFactory,
+    tmp_path: Path,
+) -> None:
+    server = await raw_server_factory("held_session")
+    env = worker_env(tmp_path / "data", {BROKER_URL: redis_server.url})
+    first = await ready_worker(start_worker, celery_client, env)
+    results = send_opens(celery_client, 6, **plain_request(server.host, server.port, retries=0))
+    await server.wait_connections(2, timeout=RESULT_TIMEOUT)  # two running, four queued
+
+    os.kill(first.pid, signal.SIGTERM)
+    await blocking(lambda: first.wait_exit(timeout=RESULT_TIMEOUT))
+
+    # The two running sessions ran to their end before the worker left.
+    assert [result.ready() for result in results].count(True) == 2
+    await ready_worker(start_worker, celery_client, env)
+    outcomes = [await outcome_of(result) for result in results]
+    assert [outcome["ok"] for outcome in outcomes] == [True] * 6, outcomes
+    assert server.connections_accepted == 6  # none lost, none run twice
 
 
 async def test_redis_restart_worker_reconnects_and_the_next_task_succeeds(
@@ -271,9 +383,11 @@ async def test_invalid_kwargs_are_an_invalid_request_result(
         assert outcome["stage"] == "validate"
         assert outcome["err_message"].startswith(f"{field}:"), outcome
         assert outcome["retryable"] is False
-        # A result, not a task failure, and never a retry loop.
+        # A result, not a task failure, and never a retry loop: no attempt, one result.
         assert result.state == "SUCCESS"
-        assert retry_lines(redis_worker, result.id) == []
+    for result, _ in results:
+        assert session_events(redis_worker, result.id) == []
+        assert len(session_events(redis_worker, result.id, "session.result")) == 1
 
 
 # ----------------------------------------------------------------------------- secrets
@@ -361,7 +475,7 @@ async def test_only_the_credentials_reference_travels(
     assert authenticated["authenticated"] is True
     assert [(attempt.username, attempt.success) for attempt in smtp.auth_attempts] == [(USER, True)]
     assert (outcomes[0]["error"], outcomes[0]["attempts"]) == ("smtp_transient", 2), outcomes[0]
-    assert len(retry_lines(worker, retried.id)) == 1
+    assert len(session_events(worker, retried.id)) == 2
     assert outcomes[1]["error"] == "timeout", outcomes[1]
     # `celery inspect active` shows the running task's kwargs: the reference, only.
     assert running["kwargs"]["credentials"] == CREDENTIALS_REF
