@@ -30,8 +30,11 @@ class TaskTimeLimitExceeded(TimeoutError):
 class BackgroundLoop:
     """An asyncio loop in a daemon thread, started on first use; any thread may run on it."""
 
-    def __init__(self, name: str = "smtp-session-loop") -> None:
+    def __init__(
+        self, name: str = "smtp-session-loop", *, hard_limit_grace: float = HARD_LIMIT_GRACE
+    ) -> None:
         self._name = name
+        self._grace = hard_limit_grace
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
@@ -60,12 +63,12 @@ class BackgroundLoop:
 
         The calling thread's context variables (the task id bound for the logs) go with it.
         At `time_limit` seconds the coroutine is cancelled; if it has not unwound
-        HARD_LIMIT_GRACE seconds later (the loop is stuck), the caller stops waiting
+        `hard_limit_grace` seconds later (the loop is stuck), the caller stops waiting
         anyway. Either way TaskTimeLimitExceeded is raised and the thread is free again.
         """
         future = asyncio.run_coroutine_threadsafe(_bounded(coroutine, time_limit), self.loop())
         try:
-            return future.result(timeout=time_limit + HARD_LIMIT_GRACE)
+            return future.result(timeout=time_limit + self._grace)
         except (TimeoutError, concurrent.futures.CancelledError):
             future.cancel()
             raise TaskTimeLimitExceeded(time_limit) from None

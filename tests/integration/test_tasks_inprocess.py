@@ -11,15 +11,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 from celery import Celery
 
-import tasks.celery_tasks  # noqa: F401 - registers the tasks on every app
+from tasks import celery_tasks  # registers the tasks on every app
 from tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
 from tasks.request import parse_request
 from tests.servers import LOOPBACK, RawServerFactory, SmtpServerFactory
 from worker.settings import Settings
 
 EHLO_NAME = "client.example"
+MAX_TIMEOUT = 60
+SHORT_LIMIT = 0.3
 
 
 @pytest.fixture
@@ -35,8 +38,8 @@ def eager_app() -> Iterator[Celery]:
 
 
 async def run(app: Celery, task_name: str, **kwargs: Any) -> dict[str, Any]:
-    # The task calls asyncio.run(), so it runs in a thread while this loop serves; it is
-    # looked up here because Celery's "current app" is per thread.
+    # The task blocks on the worker's own event loop, so it runs in a thread while this
+    # loop serves; it is looked up here because Celery's "current app" is per thread.
     task = app.tasks[task_name]
     outcome = await asyncio.to_thread(lambda: task.apply(kwargs=kwargs).get())
     assert isinstance(outcome, dict)
@@ -68,6 +71,31 @@ async def test_open_retries_a_421_through_celery(
     )
     assert (outcome["error"], outcome["attempts"]) == ("smtp_transient", 2)
     assert server.connections_accepted == 2
+
+
+async def test_a_timeout_above_the_workers_maximum_is_an_invalid_request(
+    eager_app: Celery,
+) -> None:
+    outcome = await run(eager_app, OPEN_TASK, host=LOOPBACK, timeout=MAX_TIMEOUT + 1)
+    assert outcome["error"] == "invalid_request"
+    assert outcome["err_message"] == "timeout: must be at most 60 s here (SMTP_SESSION_MAX_TIMEOUT)"
+
+
+async def test_a_task_past_its_time_limit_is_an_internal_outcome(
+    eager_app: Celery, raw_server_factory: RawServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A limit below the session's own deadlines: what only a bug would reach.
+    monkeypatch.setattr(celery_tasks, "attempt_time_limit", lambda timeout: SHORT_LIMIT)
+    server = await raw_server_factory("silent")
+    with structlog.testing.capture_logs() as events:
+        outcome = await run(
+            eager_app, OPEN_TASK, host=LOOPBACK, port=server.port, security="plain", retries=0
+        )
+    assert (outcome["ok"], outcome["error"], outcome["retryable"]) == (False, "internal", False)
+    assert outcome["err_message"] == "internal error: the task ran past its time limit of 0.3 s"
+    assert outcome["timings"]["total"] < Settings().timeout  # not the session's 5 s deadline
+    assert [event["event"] for event in events][:1] == ["session.internal_error"]
+    await server.wait_idle()  # the cancelled session closed its connection
 
 
 async def test_open_rejects_bad_kwargs_as_a_result(eager_app: Celery) -> None:
