@@ -8,6 +8,7 @@ once as it has threads, each task keeping its own id, result, latency and retrie
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,6 +47,10 @@ from tasks.trust_memory import TrustMemory
 
 # Unix time the request's first attempt began: a retry's outcome covers the whole request.
 STARTED_HEADER = "smtp_session_started"
+# Celery renders every result for its "succeeded in …" line, which we never write at INFO:
+# a short rendering, not the whole Outcome (most of a task's CPU in bench/worker_path.py).
+RESULT_REPR_SIZE = 80
+_task = functools.partial(shared_task, bind=True, resultrepr_maxsize=RESULT_REPR_SIZE)
 
 # The process's one event loop, and what it learnt about which servers need the portable
 # store: both live as long as the worker process.
@@ -192,13 +197,13 @@ def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
     )
 
 
-@shared_task(name=OPEN_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
+@_task(name=OPEN_TASK)  # type: ignore[untyped-decorator]  # celery is untyped
 def open_session_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
     """Open one session with the request fields as kwargs; returns the Outcome dict."""
     return run_session_task(self, fields, args)
 
 
-@shared_task(name=CHECK_TARGET_TASK, bind=True)  # type: ignore[untyped-decorator]  # untyped
+@_task(name=CHECK_TARGET_TASK)  # type: ignore[untyped-decorator]  # celery is untyped
 def check_target_task(self: Task, name: str) -> dict[str, Any]:
     """Check one configured target; returns its Outcome dict.
 
@@ -220,7 +225,7 @@ def _fields(request: SessionRequest) -> dict[str, Any]:
 # Acknowledged when it starts, unlike the session tasks: a sweep over a whole fleet can
 # outlast Redis's redelivery timeout, which would hand it to a second worker while the
 # first still runs it. A worker killed mid-sweep loses that sweep; run it again.
-@shared_task(name=SWEEP_TASK, bind=True, acks_late=False)  # type: ignore[untyped-decorator]
+@_task(name=SWEEP_TASK, acks_late=False)  # type: ignore[untyped-decorator]  # celery is untyped
 def sweep_task(self: Task, names: list[str] | None = None) -> dict[str, Any]:
     """Check the named targets (default: all) concurrently in this process."""
     targets = _targets(self.app)

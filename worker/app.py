@@ -18,7 +18,7 @@ from tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE
 from tasks.contract import CHECK_TARGET_TASK, attempt_time_limit
 from tasks.session import MAX_BACKOFF
 from tasks.sweep import SweepItem, time_limit, with_defaults
-from worker import signals
+from worker import embedded_beat, signals
 from worker.settings import Settings, load_settings
 from worker.targets import Target, load_targets
 
@@ -115,13 +115,16 @@ def create_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_expires=RESULT_EXPIRES,
-        task_track_started=True,
+        # No STARTED state: one write to the result store per task, the outcome (the
+        # second write cost about as much CPU as the session itself, bench/worker_path.py).
+        task_track_started=False,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         beat_schedule=beat_schedule(targets),
     )
     setattr(celery, SETTINGS_ATTRIBUTE, settings)
     setattr(celery, TARGETS_ATTRIBUTE, {target.name: target.sweep_item() for target in targets})
+    embedded_beat.install(celery)
     signals.install(settings)
     return celery
 

@@ -30,6 +30,7 @@ from tasks.session import MAX_BACKOFF, open_session, rejected
 from tasks.sweep import SweepSummary, with_defaults
 from tasks.sweep import sweep as run_sweep
 from tasks.trust_memory import TrustMemory
+from worker.embedded_beat import OPTION as BEAT_OPTION
 from worker.settings import MAX_WORKER_CONCURRENCY, InvalidSettings, Settings, load_settings
 from worker.targets import InvalidTargets, load_targets
 
@@ -244,7 +245,7 @@ def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
     argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
     if beat:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        argv += ["--beat", f"--schedule={settings.data_dir / 'beat-schedule'}"]
+        argv += [BEAT_OPTION, f"--schedule={settings.data_dir / 'beat-schedule'}"]
     # A fresh interpreter, exactly as `celery -A worker.app worker` runs.
     os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, argv built above
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import platformdirs
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -13,6 +14,7 @@ from tasks.errors import SessionWorkerError
 from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, MAX_RETRIES, MAX_TIMEOUT, Trust
 
 ENV_PREFIX = "SMTP_SESSION_"
+APP_NAME = "smtp-session"
 DEFAULT_METRICS_PORT = 9808
 DEFAULT_MAX_TIMEOUT = 60.0
 MAX_WORKER_CONCURRENCY = 2000
@@ -36,7 +38,8 @@ class Settings(BaseSettings):
     # Not in repr(): URLs carry passwords (redis://:password@host).
     broker_url: str | None = Field(default=None, repr=False)
     result_backend: str | None = Field(default=None, repr=False)
-    data_dir: Path = Path(".smtp-session")
+    # Per user, not per current directory: `make run` and `enqueue` meet from anywhere.
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP_NAME)))
     targets: Path | None = None
     metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     # Extension: ADDRESS:PORT for /metrics, overriding METRICS_PORT; port 0 picks a free port

@@ -21,6 +21,7 @@ from celery.apps import worker as celery_worker
 from monitoring.exporter import start_exporter
 from monitoring.logging import configure_logging
 from tasks.celery_tasks import process_metrics
+from worker.data_dir import DataDirInUse, claim
 from worker.settings import Settings
 
 log = structlog.get_logger("smtp_session.worker")
@@ -74,6 +75,17 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
     if settings.log_format == "json":
         celery_worker.safe_say = _say_as_log
         celery_worker.Worker.emit_banner = _banner_as_log
+
+
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _claim_data_dir(**_: Any) -> None:
+    """Before anything starts: one worker per data dir, or this one stops here."""
+    data_dir = _current().data_dir
+    try:
+        claim(data_dir)
+    except DataDirInUse as exc:
+        log.critical("worker.data_dir_in_use", data_dir=str(data_dir), message=str(exc))
+        os._exit(EXIT_CONFIG)
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]  # celery is untyped

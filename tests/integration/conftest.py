@@ -218,6 +218,7 @@ class WorkerProcess:
     """A worker subprocess whose output can be waited on line by line."""
 
     def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.env = dict(env)
         self.log_path = log_path
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -293,6 +294,12 @@ class WorkerProcess:
             os.killpg(self._process.pid, signal.SIGKILL)
         self._process.wait(STOP_TIMEOUT)
         self._reader.join(STOP_TIMEOUT)
+
+
+def child_processes(pid: int) -> list[int]:
+    """The child processes of `pid` (a worker has none: sessions and beat are its threads)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in children.split()]
 
 
 def worker_env(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

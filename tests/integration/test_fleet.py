@@ -14,6 +14,8 @@ from tests.integration.conftest import (
     START_TIMEOUT,
     RedisServer,
     WorkerFactory,
+    WorkerProcess,
+    child_processes,
     wait_until_ready,
     worker_env,
 )
@@ -50,13 +52,14 @@ async def _start(
     targets: Path,
     *,
     beat: bool = False,
-) -> None:
+) -> WorkerProcess:
     env = worker_env(
         tmp_path / "data",
         {"SMTP_SESSION_BROKER_URL": redis_server.url, "SMTP_SESSION_TARGETS": str(targets)},
     )
     worker = start_worker(env=env, beat=beat)
     await asyncio.to_thread(wait_until_ready, celery_client, worker, timeout=START_TIMEOUT)
+    return worker
 
 
 async def test_beat_checks_every_target_on_schedule(
@@ -75,6 +78,31 @@ async def test_beat_checks_every_target_on_schedule(
     await second.wait_connections(2, timeout=BEAT_WAIT)
     assert first.received("QUIT")
     assert second.received("QUIT")
+
+
+async def test_a_second_worker_on_the_same_data_dir_refuses_and_leaves_the_first_alone(
+    start_worker: WorkerFactory,
+    celery_client: Celery,
+    redis_server: RedisServer,
+    smtp_server_factory: SmtpServerFactory,
+    tmp_path: Path,
+) -> None:
+    server = await smtp_server_factory(mode="plain")
+    targets = targets_file(tmp_path / "targets.toml", {"only": server.port})
+    first = await _start(start_worker, celery_client, redis_server, tmp_path, targets, beat=True)
+    await server.wait_connections(1, timeout=BEAT_WAIT)
+
+    second = start_worker(env=first.env, beat=True)
+    code = await asyncio.to_thread(second.wait_exit, timeout=START_TIMEOUT)
+
+    assert code == 2
+    refusal = second.wait_for_line("worker.data_dir_in_use", timeout=START_TIMEOUT)
+    assert f"another worker (pid {first.pid}) runs on {tmp_path / 'data'}" in refusal
+    assert not [line for line in second.lines if "beat: Starting" in line]
+    # The first goes on checking; its beat is a thread, not a process that could be orphaned.
+    seen = server.connections_accepted
+    await server.wait_connections(seen + 2, timeout=BEAT_WAIT)
+    assert child_processes(first.pid) == []
 
 
 async def test_check_target_and_sweep(

@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     RedisServer,
     WorkerFactory,
     WorkerProcess,
+    child_processes,
     running_task,
     wait_until_ready,
     worker_env,
@@ -192,12 +193,6 @@ async def test_421_is_retried_through_celery_with_the_same_task_id(
     assert result.state == "SUCCESS"
     with redis_server.client() as client:
         assert client.keys("celery-task-meta-*") == [f"celery-task-meta-{result.id}".encode()]
-
-
-def child_processes(pid: int) -> list[int]:
-    """The child processes of `pid` (a worker has none: its sessions run in its threads)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(child) for child in children.split()]
 
 
 async def ready_worker(
