@@ -78,6 +78,11 @@ def _max_timeout(app: Celery) -> float:
     return float(settings.max_timeout) if settings is not None else MAX_TIMEOUT
 
 
+def _extra_ca_file(app: Celery) -> str | None:
+    settings = _settings(app)
+    return settings.extra_ca_file if settings is not None else None
+
+
 def _sweep_concurrency(app: Celery) -> int:
     settings = _settings(app)
     return int(settings.sweep_concurrency) if settings is not None else DEFAULT_CONCURRENCY
@@ -141,6 +146,7 @@ def run_session_task(
                     attempt=attempt,
                     started=started,
                     trust_memory=_trust_memory,
+                    extra_ca_file=_extra_ca_file(task.app),
                 ),
                 time_limit=limit,
             )
@@ -192,6 +198,7 @@ def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
             concurrency=concurrency,
             observers=_observers(task.app),
             trust_memory=_trust_memory,
+            extra_ca_file=_extra_ca_file(task.app),
         ),
         time_limit=limit,
     )

@@ -37,14 +37,14 @@ _TLS_VERIFY_CATEGORIES = frozenset(
     {ErrorCategory.TLS_UNTRUSTED, ErrorCategory.TLS_EXPIRED, ErrorCategory.TLS_HOSTNAME}
 )
 STAGE_ACTIVITY = {
-    Stage.RESOLVE: "resolving the host name",
-    Stage.CONNECT: "connecting",
-    Stage.TLS: "for the TLS handshake",
-    Stage.BANNER: "waiting for the server greeting",
-    Stage.EHLO: "waiting for the EHLO reply",
-    Stage.STARTTLS: "for STARTTLS and the TLS handshake",
-    Stage.AUTH: "waiting for the AUTH reply",
-    Stage.QUIT: "waiting for the QUIT reply",
+    Stage.RESOLVE: "while resolving the host name",
+    Stage.CONNECT: "while connecting",
+    Stage.TLS: "in the TLS handshake",
+    Stage.BANNER: "while waiting for the server greeting",
+    Stage.EHLO: "while waiting for the EHLO reply",
+    Stage.STARTTLS: "in STARTTLS and its TLS handshake",
+    Stage.AUTH: "while waiting for the AUTH reply",
+    Stage.QUIT: "while waiting for the QUIT reply",
 }
 
 
@@ -176,7 +176,7 @@ def classify(exc: BaseException, stage: Stage, *, host: str, endpoint: str) -> F
                 else "connection closed before the greeting",
                 stage,
             )
-        during = STAGE_ACTIVITY[stage].replace("waiting for", "during")
+        during = STAGE_ACTIVITY[stage].replace("while waiting for", "during")
         return Failure(ErrorCategory.DISCONNECTED, f"server closed the connection {during}", stage)
     if (smtp_error := _find(exc, SMTPException)) is not None:
         return Failure(ErrorCategory.PROTOCOL, quote_reply(smtp_error.message), stage)

@@ -18,7 +18,6 @@ Trust = Literal["auto", "native", "portable"]
 
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 600.0
-DEFAULT_STAGE_TIMEOUT = 5.0  # connect_timeout and command_timeout, capped by timeout
 DEFAULT_RETRIES = 2
 MAX_RETRIES = 10
 IMPLICIT_TLS_PORT = 465
@@ -26,6 +25,9 @@ SUBMISSION_PORT = 587
 MAX_HOST_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+NATIVE_IGNORES_CA_FILE = (
+    "is not used with trust native (the system's store only): use trust auto or portable"
+)
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?$")
 
 
@@ -115,6 +117,12 @@ class SessionRequest(BaseModel):
             raise ValueError("credentials need TLS: use security starttls or tls")
         return self
 
+    @model_validator(mode="after")
+    def _ca_file_needs_portable_trust(self) -> SessionRequest:
+        if self.ca_file is not None and self.trust == "native":
+            raise ValueError(f"ca_file {NATIVE_IGNORES_CA_FILE}")
+        return self
+
     @property
     def connect_host(self) -> str:
         """The host as it goes on the wire and into TLS server-name checks."""
@@ -133,13 +141,15 @@ class SessionRequest(BaseModel):
             return self.security
         return "tls" if self.effective_port == IMPLICIT_TLS_PORT else "starttls"
 
+    # `timeout` is the one knob most people turn: the stage budgets default to it (each
+    # stage then has the whole attempt's time), and never exceed it.
     @property
     def effective_connect_timeout(self) -> float:
-        return min(self.connect_timeout or DEFAULT_STAGE_TIMEOUT, self.timeout)
+        return min(self.connect_timeout or self.timeout, self.timeout)
 
     @property
     def effective_command_timeout(self) -> float:
-        return min(self.command_timeout or DEFAULT_STAGE_TIMEOUT, self.timeout)
+        return min(self.command_timeout or self.timeout, self.timeout)
 
 
 def _describe(error: Mapping[str, Any]) -> InvalidRequest:
@@ -150,8 +160,9 @@ def _describe(error: Mapping[str, Any]) -> InvalidRequest:
     if kind == "missing":
         return InvalidRequest(field, "is required")
     message = str(error["msg"]).removeprefix("Value error, ")
-    if not error["loc"] and message.startswith("credentials"):
-        return InvalidRequest("credentials", message.removeprefix("credentials "))
+    if not error["loc"] and message.startswith(("credentials", "ca_file")):
+        field, _, problem = message.partition(" ")
+        return InvalidRequest(field, problem)
     return InvalidRequest(field, message[:1].lower() + message[1:])
 
 

@@ -37,6 +37,10 @@ from tasks.trust_memory import TrustMemory
 DEFAULT_BACKOFF_BASE = 1.0
 MAX_BACKOFF = 30.0
 PASSWORD_MECHANISMS = ("plain", "login")  # in order of preference; one try, no lockouts
+# The stages that connect_timeout bounds together; the later ones are command_timeout's.
+CONNECT_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.BANNER})
+# A timer fires at or just after its deadline: this close to the attempt's, it was that one.
+DEADLINE_SLACK = 0.005
 
 log = structlog.get_logger("smtp_session")
 _T = TypeVar("_T")
@@ -75,8 +79,10 @@ class _Connection:
         credentials: Credentials | None,
         trust: TrustMode | None,
         ehlo_name: str,
+        extra_ca_file: str | None = None,
     ) -> None:
         self.request = request
+        self.extra_ca_file = extra_ca_file
         self.credentials = credentials
         self.trust = trust
         self.ehlo_name = ehlo_name
@@ -116,12 +122,7 @@ class _Connection:
         except TimeoutError:
             if self.stage is Stage.QUIT:
                 return None  # QUIT is sent; the reply is the server's business
-            waited = self._loop.time() - self._stage_started
-            return Failure(
-                ErrorCategory.TIMEOUT,
-                f"timed out after {waited:.1f} s {STAGE_ACTIVITY[self.stage]}",
-                self.stage,
-            )
+            return self._timed_out()
         except Exception as exc:  # noqa: BLE001 - classified; a bug is INTERNAL, logged
             failure = classify(
                 exc,
@@ -146,6 +147,21 @@ class _Connection:
                 self._smtp.close()
         return None
 
+    def _timed_out(self) -> Failure:
+        """A timeout, naming the budget that ran out: the attempt's, or the stage's."""
+        now, request, activity = self._loop.time(), self.request, STAGE_ACTIVITY[self.stage]
+        if now >= self.deadline - DEADLINE_SLACK or self.stage is Stage.RESOLVE:
+            message = f"attempt deadline (timeout) of {request.timeout:g} s reached {activity}"
+        else:
+            name, budget = (
+                ("connect_timeout", request.effective_connect_timeout)
+                if self.stage in CONNECT_STAGES
+                else ("command_timeout", request.effective_command_timeout)
+            )
+            waited = now - self._stage_started
+            message = f"timed out after {waited:.1f} s {activity} ({name} of {budget:g} s)"
+        return Failure(ErrorCategory.TIMEOUT, message, self.stage)
+
     async def _bounded(self, stage: Stage, step: Awaitable[_T], seconds: float) -> _T:
         self._enter(stage)
         async with asyncio.timeout(seconds):
@@ -153,7 +169,11 @@ class _Connection:
 
     async def _session(self) -> None:
         request = self.request
-        context = None if self.trust is None else verifying_context(self.trust, request.ca_file)
+        context = (
+            None
+            if self.trust is None
+            else verifying_context(self.trust, self.extra_ca_file, request.ca_file)
+        )
         self._enter(Stage.RESOLVE)
         addresses = await resolve(request.connect_host, request.effective_port)
         self._enter(Stage.CONNECT)
@@ -311,6 +331,12 @@ def _explain(
     return message, hint
 
 
+def _preferred_mode(request: SessionRequest) -> TrustMode:
+    """The first mode of trust=auto: portable when the request names a CA (ca_file), so the
+    CA the operator named is trusted at once; the system's store otherwise."""
+    return "portable" if request.ca_file is not None else "native"
+
+
 def _trust_modes(request: SessionRequest, *, needs_portable: bool) -> list[TrustMode | None]:
     """The trust modes to try, in order: the second only after tls_untrusted."""
     if request.effective_security == "plain":
@@ -318,7 +344,8 @@ def _trust_modes(request: SessionRequest, *, needs_portable: bool) -> list[Trust
     if request.trust == "auto":
         # A server that needed the portable store last time starts there; it still counts
         # as the fallback, and native gets its turn if portable no longer verifies it.
-        return ["portable", "native"] if needs_portable else ["native", "portable"]
+        first = "portable" if needs_portable else _preferred_mode(request)
+        return ["portable", "native"] if first == "portable" else ["native", "portable"]
     return [request.trust]
 
 
@@ -329,12 +356,15 @@ async def run_attempt(
     attempt: int,
     started: float | None = None,
     trust_memory: TrustMemory | None = None,
+    extra_ca_file: str | None = None,
 ) -> Outcome:
     """One attempt: a connection, plus the portable retry when native trust refused the chain.
 
     The fallback is a second connection with its own deadline; it is not an attempt.
     `started` (Unix time the request began) makes `timings.total` and `started_at` cover
-    the earlier attempts and their backoff too.
+    the earlier attempts and their backoff too. `extra_ca_file`: the operator's CAs added
+    to the portable store for every request (SMTP_SESSION_CA_FILE); a request's own
+    `ca_file` is this server's CA, trusted from the first handshake.
     """
     started = time.time() if started is None else started
     ehlo_name = request.ehlo_name or await local_hostname()
@@ -343,12 +373,12 @@ async def run_attempt(
     remembered = trust_memory is not None and trust_memory.needs_portable(memory_key)
     modes = _trust_modes(request, needs_portable=remembered)
     for index, mode in enumerate(modes):
-        connection = _Connection(request, credentials, mode, ehlo_name)
+        connection = _Connection(request, credentials, mode, ehlo_name, extra_ca_file)
         failure = await connection.run()
         last = index == len(modes) - 1
         if failure is None or failure.category is not ErrorCategory.TLS_UNTRUSTED or last:
             break
-    fallback = request.trust == "auto" and connection.trust == "portable"
+    fallback = request.trust == "auto" and connection.trust != _preferred_mode(request)
     if trust_memory is not None and request.trust == "auto" and security != "plain":
         if failure is None:
             trust_memory.remember(memory_key, connection.trust)
@@ -460,6 +490,7 @@ async def open_session(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     observers: Sequence[SessionObserver] = DEFAULT_OBSERVERS,
     trust_memory: TrustMemory | None = None,
+    extra_ca_file: str | None = None,
 ) -> Outcome:
     """Open one SMTP session as the request asks, retrying retryable failures.
 
@@ -481,6 +512,7 @@ async def open_session(
             attempt=attempt,
             started=started,
             trust_memory=trust_memory,
+            extra_ca_file=extra_ca_file,
         )
         report(outcome, final=False, observers=observers)
         if outcome.ok or not outcome.retryable or attempt > session_request.retries:

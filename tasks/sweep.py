@@ -88,6 +88,7 @@ class _Sweep:
     environ: Mapping[str, str] | None
     observers: Sequence[SessionObserver]
     trust_memory: TrustMemory | None
+    extra_ca_file: str | None
     retry_policy: RetryPolicy
     on_outcome: Callable[[Outcome], None] | None
     resolver: dns.asyncresolver.Resolver | None
@@ -108,6 +109,7 @@ class _Sweep:
                 environ=self.environ,
                 observers=self.observers,
                 trust_memory=self.trust_memory,
+                extra_ca_file=self.extra_ca_file,
                 retry_policy=self.retry_policy,
             )
         return self._done(outcome)
@@ -151,6 +153,7 @@ async def sweep(
     environ: Mapping[str, str] | None = None,
     observers: Sequence[SessionObserver] = DEFAULT_OBSERVERS,
     trust_memory: TrustMemory | None = None,
+    extra_ca_file: str | None = None,
     retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     on_outcome: Callable[[Outcome], None] | None = None,
     resolver: dns.asyncresolver.Resolver | None = None,
@@ -166,7 +169,14 @@ async def sweep(
     loop = asyncio.get_running_loop()
     started = loop.time()
     runner = _Sweep(
-        concurrency, environ, observers, trust_memory, retry_policy, on_outcome, resolver
+        concurrency,
+        environ,
+        observers,
+        trust_memory,
+        extra_ca_file,
+        retry_policy,
+        on_outcome,
+        resolver,
     )
     nested = await asyncio.gather(*(runner.item(item) for item in items))
     outcomes = [outcome for group in nested for outcome in group]

@@ -157,7 +157,7 @@ def check(address: str, as_json: bool, verbose: bool, **options: Any) -> None:
     settings = _settings_or_exit()
     configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
     fields = {**settings.request_defaults(), **request_fields(address, options)}
-    emit(asyncio.run(open_session(fields)), as_json=as_json)
+    emit(asyncio.run(open_session(fields, extra_ca_file=settings.extra_ca_file)), as_json=as_json)
 
 
 def _settings_or_exit() -> Settings:
@@ -306,6 +306,7 @@ def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, ver
                 items,
                 concurrency=concurrency or settings.sweep_concurrency,
                 trust_memory=TrustMemory(),
+                extra_ca_file=settings.extra_ca_file,
                 on_outcome=advance,
             )
         )

@@ -11,7 +11,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.contract import DEFAULT_CONCURRENCY
 from tasks.errors import SessionWorkerError
-from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, MAX_RETRIES, MAX_TIMEOUT, Trust
+from tasks.request import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    MAX_RETRIES,
+    MAX_TIMEOUT,
+    NATIVE_IGNORES_CA_FILE,
+    Trust,
+)
 
 ENV_PREFIX = "SMTP_SESSION_"
 APP_NAME = "smtp-session"
@@ -60,6 +67,12 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _ca_file_needs_portable_trust(self) -> Settings:
+        if self.ca_file is not None and self.trust == "native":
+            raise ValueError(f"ca_file: {NATIVE_IGNORES_CA_FILE}")
+        return self
+
+    @model_validator(mode="after")
     def _timeout_within_max(self) -> Settings:
         if self.timeout > self.max_timeout:
             raise ValueError(
@@ -94,6 +107,11 @@ class Settings(BaseSettings):
             return self.broker_url  # Redis is both broker and result store
         return f"file://{(self.data_dir / 'results').resolve()}"
 
+    @property
+    def extra_ca_file(self) -> str | None:
+        """The operator's CAs, added to the portable store of every session."""
+        return str(self.ca_file) if self.ca_file is not None else None
+
     def request_defaults(self) -> dict[str, Any]:
         """Defaults applied under every request's own fields."""
         defaults: dict[str, Any] = {
@@ -101,8 +119,6 @@ class Settings(BaseSettings):
             "timeout": self.timeout,
             "retries": self.retries,
         }
-        if self.ca_file is not None:
-            defaults["ca_file"] = str(self.ca_file)
         return defaults
 
 

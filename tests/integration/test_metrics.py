@@ -20,11 +20,14 @@ class Recorder:
         self.registry = CollectorRegistry()
         self.metrics = SessionMetrics(self.registry, known_targets=known_targets)
 
-    async def run(self, port: int, **fields: object) -> Outcome:
+    async def run(
+        self, port: int, *, extra_ca_file: str | None = None, **fields: object
+    ) -> Outcome:
         return await open_session(
             {"host": LOOPBACK, "port": port, **fields},
             retry_policy=FAST_RETRY,
             observers=[self.metrics],
+            extra_ca_file=extra_ca_file,
         )
 
     def value(self, name: str, **labels: str) -> float | None:
@@ -77,7 +80,7 @@ async def test_fallback_and_certificate_expiry(
 ) -> None:
     server = await smtp_server_factory(mode="starttls")
     recorder = Recorder(known_targets={"sub"})
-    await recorder.run(server.port, ca_file=ca_pem_path, target="sub")
+    await recorder.run(server.port, extra_ca_file=ca_pem_path, target="sub")
     assert recorder.value("tls_fallback_total", target="sub", result="success") == 1
     assert (
         recorder.value("attempts_total", target="sub", result="success", error="", trust="portable")

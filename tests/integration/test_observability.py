@@ -429,7 +429,7 @@ def soon_expiring_cert(ca: trustme.CA) -> trustme.LeafCert:
     )
 
 
-def targets_toml(*, relay: int, backup: int, flaky: int, ca_file: str) -> str:
+def targets_toml(*, relay: int, backup: int, flaky: int) -> str:
     """Three named targets on loopback (json.dumps quotes a TOML basic string)."""
     return f"""
 [defaults]
@@ -437,12 +437,11 @@ ehlo_name = {json.dumps(EHLO_NAME)}
 timeout = 5
 retries = 0
 
-[[targets]]  # native trust refuses the test CA, portable (with ca_file) verifies it
+[[targets]]  # native trust refuses the test CA; portable, with SMTP_SESSION_CA_FILE, verifies it
 name = "relay"
 host = {json.dumps(LOOPBACK)}
 port = {relay}
 security = "starttls"
-ca_file = {json.dumps(ca_file)}
 
 [[targets]]  # nothing listens
 name = "backup"
@@ -506,7 +505,8 @@ async def test_real_prometheus_scraping_a_real_worker_has_data_for_every_query(
 ) -> None:
     """Named targets of every kind plus adhoc, two rounds, then every rule and panel query.
 
-    relay: STARTTLS, trust fallback (the test CA only in ca_file), a certificate that
+    relay: STARTTLS, trust fallback (the test CA only in SMTP_SESSION_CA_FILE, which the
+    portable store adds), a certificate that
     expires in 7 days; backup: refused; flaky: 421, retried once through Celery; adhoc:
     `smtp_session.open` to a plain server. SmtpSessionMetricsAbsent is checked last, by
     stopping the worker.
@@ -516,12 +516,10 @@ async def test_real_prometheus_scraping_a_real_worker_has_data_for_every_query(
     flaky = await raw_server_factory("banner_421")
     adhoc = await smtp_server_factory(mode="plain")
     targets = tmp_path / "targets.toml"
-    targets.write_text(
-        targets_toml(
-            relay=relay.port, backup=refused_port[1], flaky=flaky.port, ca_file=ca_pem_path
-        )
+    targets.write_text(targets_toml(relay=relay.port, backup=refused_port[1], flaky=flaky.port))
+    worker = await launch_worker(
+        env={"SMTP_SESSION_TARGETS": str(targets), "SMTP_SESSION_CA_FILE": ca_pem_path}
     )
-    worker = await launch_worker(env={"SMTP_SESSION_TARGETS": str(targets)})
     prometheus = prometheus_factory(targets=[worker.metrics_address])
 
     async def wait_for(expr: str, predicate: Callable[[list[Result]], bool] = bool) -> list[Result]:
@@ -593,7 +591,7 @@ async def test_configured_targets_are_exported_before_their_first_check(
     """
     port = refused_port[1]
     targets = tmp_path / "targets.toml"
-    targets.write_text(targets_toml(relay=port, backup=port, flaky=port, ca_file=ca_pem_path))
+    targets.write_text(targets_toml(relay=port, backup=port, flaky=port))
     worker = await launch_worker(env={"SMTP_SESSION_TARGETS": str(targets)})
 
     exposition = await blocking(worker.scrape)
@@ -766,10 +764,10 @@ async def test_a_trust_fallback_is_in_the_events(smtp_server: SmtpServer, ca_pem
             {
                 "host": smtp_server.host,
                 "port": smtp_server.port,
-                "ca_file": ca_pem_path,
                 "target": "relay",
                 "ehlo_name": EHLO_NAME,
-            }
+            },
+            extra_ca_file=ca_pem_path,  # the operator's CA: only the portable store has it
         )
 
     assert outcome.ok, outcome
@@ -784,7 +782,7 @@ async def test_a_trust_fallback_is_in_the_events(smtp_server: SmtpServer, ca_pem
 
 @pytest.mark.usefixtures("clean_contextvars")
 def test_task_prerun_receiver_clears_the_previous_task_and_binds_this_one() -> None:
-    # What a reused prefork process still holds from its previous task.
+    # What a reused pool thread still holds from its previous task.
     structlog.contextvars.bind_contextvars(task_id="previous", task_name="previous", host="x")
 
     worker_signals._bind_task_context(task_id="t-1", task=TaskStub(OPEN_TASK))

@@ -15,6 +15,7 @@ from tasks.session import RetryPolicy, open_session
 from tasks.trust_memory import TrustMemory
 from tests.servers import (
     AUTH_FAILED_REPLY,
+    HELD_SESSION_SECONDS,
     LOOPBACK,
     WRONG_HOST,
     RawServerFactory,
@@ -40,9 +41,13 @@ class RecordingSleep:
         self.delays.append(seconds)
 
 
-async def session(port: int, **fields: Any) -> Outcome:
+async def session(port: int, *, extra_ca_file: str | None = None, **fields: Any) -> Outcome:
+    """A session to LOOPBACK:port; `extra_ca_file` is the operator's SMTP_SESSION_CA_FILE."""
     return await open_session(
-        {"host": LOOPBACK, "port": port, **fields}, environ=SECRETS, retry_policy=FAST_RETRY
+        {"host": LOOPBACK, "port": port, **fields},
+        environ=SECRETS,
+        retry_policy=FAST_RETRY,
+        extra_ca_file=extra_ca_file,
     )
 
 
@@ -85,13 +90,35 @@ async def test_starttls_with_portable_trust(
 async def test_ca_known_only_to_portable_bundle_falls_back(
     smtp_server_factory: SmtpServerFactory, ca_pem_path: str
 ) -> None:
+    # The test CA is in the operator's extra CAs of the portable store, not the system's.
     server = await smtp_server_factory(mode="starttls")
-    outcome = await session(server.port, ca_file=ca_pem_path)
+    outcome = await session(server.port, extra_ca_file=ca_pem_path)
     assert outcome.ok, outcome.err_message
     assert outcome.tls is not None
     assert (outcome.tls.trust, outcome.tls.fallback) == ("portable", True)
     assert outcome.attempts == 1  # the fallback is a second connection, not an attempt
     assert server.connections_accepted == 2
+
+
+async def test_a_requests_ca_file_is_trusted_from_the_first_handshake(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    # The CA the request names is this server's: no native try first, no fallback counted.
+    server = await smtp_server_factory(mode="starttls")
+    outcome = await session(server.port, ca_file=ca_pem_path)
+    assert outcome.ok, outcome.err_message
+    assert outcome.tls is not None
+    assert (outcome.tls.trust, outcome.tls.fallback) == ("portable", False)
+    assert server.connections_accepted == 1
+
+
+async def test_ca_file_with_native_trust_is_an_invalid_request(ca_pem_path: str) -> None:
+    outcome = await session(25, ca_file=ca_pem_path, trust="native")
+    assert (outcome.error, outcome.stage) == ("invalid_request", "validate")
+    assert outcome.err_message == (
+        "ca_file: is not used with trust native (the system's store only): "
+        "use trust auto or portable"
+    )
 
 
 async def test_native_trust_verifies_with_the_system_store(
@@ -151,7 +178,7 @@ async def test_unknown_ca_fails_in_both_modes_and_shows_the_certificate(
     smtp_server_factory: SmtpServerFactory, unknown_ca_cert: trustme.LeafCert, ca_pem_path: str
 ) -> None:
     server = await smtp_server_factory(mode="starttls", cert=unknown_ca_cert, auth={USER: PASSWORD})
-    outcome = await session(server.port, ca_file=ca_pem_path, credentials="good", retries=2)
+    outcome = await session(server.port, extra_ca_file=ca_pem_path, credentials="good", retries=2)
     assert not outcome.ok
     assert (outcome.error, outcome.stage, outcome.retryable) == (
         "tls_untrusted",
@@ -312,7 +339,10 @@ async def test_no_banner_costs_the_configured_timeout(raw_server_factory: RawSer
     outcome = await session(server.port, timeout=1.0, retries=0)
     elapsed = time.monotonic() - started
     assert (outcome.error, outcome.stage, outcome.retryable) == ("timeout", "banner", True)
-    assert outcome.err_message == "timed out after 1.0 s waiting for the server greeting"
+    # The stage budgets default to the timeout, so the attempt's deadline is what ran out.
+    assert outcome.err_message == (
+        "attempt deadline (timeout) of 1 s reached while waiting for the server greeting"
+    )
     assert 0.95 <= elapsed < 1.5
 
 
@@ -322,7 +352,9 @@ async def test_silent_server_with_implicit_tls_times_out_in_the_handshake(
     server = await raw_server_factory("silent")
     outcome = await session(server.port, security="tls", connect_timeout=0.3, retries=0)
     assert (outcome.error, outcome.stage) == ("timeout", "tls")
-    assert outcome.err_message == "timed out after 0.3 s for the TLS handshake"
+    assert outcome.err_message == (
+        "timed out after 0.3 s in the TLS handshake (connect_timeout of 0.3 s)"
+    )
 
 
 async def test_slow_drip_costs_at_most_the_timeout(raw_server_factory: RawServerFactory) -> None:
@@ -339,7 +371,20 @@ async def test_silent_after_banner_is_a_command_timeout(
     server = await raw_server_factory("silent_after_banner")
     outcome = await session(server.port, security="plain", command_timeout=0.3, retries=0)
     assert (outcome.error, outcome.stage) == ("timeout", "ehlo")
-    assert outcome.err_message == "timed out after 0.3 s waiting for the EHLO reply"
+    assert outcome.err_message == (
+        "timed out after 0.3 s while waiting for the EHLO reply (command_timeout of 0.3 s)"
+    )
+
+
+async def test_a_long_timeout_is_every_stages_budget(raw_server_factory: RawServerFactory) -> None:
+    # A slow greeting (the held session: HELD_SESSION_SECONDS) within a generous timeout
+    # is waited for: no hidden 5 s cap, nor a smaller one, on the greeting.
+    server = await raw_server_factory("held_session")
+    outcome = await session(server.port, security="plain", timeout=4 * HELD_SESSION_SECONDS)
+    assert outcome.ok, outcome
+    assert (
+        outcome.timings.banner is not None and outcome.timings.banner >= HELD_SESSION_SECONDS * 0.9
+    )
 
 
 @pytest.mark.parametrize(
@@ -425,13 +470,10 @@ async def test_trust_memory_skips_the_failing_native_handshake(
 ) -> None:
     server = await smtp_server_factory(mode="starttls")
     memory = TrustMemory(capacity=8)
-    first = await open_session(
-        {"host": LOOPBACK, "port": server.port, "ca_file": ca_pem_path}, trust_memory=memory
-    )
+    request = {"host": LOOPBACK, "port": server.port}
+    first = await open_session(request, trust_memory=memory, extra_ca_file=ca_pem_path)
     assert server.connections_accepted == 2  # native refused, portable verified
-    second = await open_session(
-        {"host": LOOPBACK, "port": server.port, "ca_file": ca_pem_path}, trust_memory=memory
-    )
+    second = await open_session(request, trust_memory=memory, extra_ca_file=ca_pem_path)
     assert server.connections_accepted == 3  # straight to portable
     for outcome in (first, second):
         assert outcome.ok

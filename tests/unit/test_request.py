@@ -65,11 +65,13 @@ def test_auto_security_and_default_port(fields: dict[str, Any], port: int, secur
     assert request.effective_security == security
 
 
-def test_stage_timeouts_default_to_five_seconds_capped_by_the_deadline() -> None:
-    assert parse_request({"host": "x"}).effective_connect_timeout == 5.0
-    short = parse_request({"host": "x", "timeout": 2.0})
-    assert short.effective_connect_timeout == 2.0
-    assert short.effective_command_timeout == 2.0
+def test_stage_timeouts_default_to_the_timeout_and_never_exceed_it() -> None:
+    default = parse_request({"host": "x"})
+    assert (default.effective_connect_timeout, default.effective_command_timeout) == (10.0, 10.0)
+    long = parse_request({"host": "x", "timeout": 20.0})
+    assert (long.effective_connect_timeout, long.effective_command_timeout) == (20.0, 20.0)
+    capped = parse_request({"host": "x", "timeout": 2.0, "connect_timeout": 5.0})
+    assert capped.effective_connect_timeout == 2.0
     explicit = parse_request({"host": "x", "connect_timeout": 1.5, "command_timeout": 0.5})
     assert (explicit.effective_connect_timeout, explicit.effective_command_timeout) == (1.5, 0.5)
 
