@@ -7,8 +7,10 @@ share one event loop), so one registry holds every session's values and /metrics
 from __future__ import annotations
 
 import calendar
+import functools
 import time
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -22,10 +24,32 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 STAGES = ("resolve", "connect", "tls", "banner", "ehlo", "starttls", "auth", "quit")
 
 
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[_M]):
+    """A labelled metric's children by label values, each looked up once.
+
+    `labels()` checks and copies its arguments under a lock each time, which costs more than
+    the update itself; the label sets here are few (known targets times categories).
+    """
+
+    def __init__(self, metric: _M) -> None:
+        self._metric: _M = metric
+        self._children: dict[tuple[str, ...], _M] = {}
+
+    def __call__(self, *values: str) -> _M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 def _result(outcome: Outcome) -> str:
     return "success" if outcome.ok else "failure"
 
 
+@functools.lru_cache(maxsize=1024)
 def _timestamp(iso_utc: str) -> float:
     return float(calendar.timegm(time.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ")))
 
@@ -103,6 +127,14 @@ class SessionMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self._attempts = _Children(self.attempts)
+        self._opens = _Children(self.opens)
+        self._tls_fallback = _Children(self.tls_fallback)
+        self._duration = _Children(self.duration)
+        self._stage_duration = _Children(self.stage_duration)
+        self._up = _Children(self.up)
+        self._last_success = _Children(self.last_success)
+        self._cert_expiry = _Children(self.cert_expiry)
 
     def declare_targets(self, targets: Iterable[str]) -> None:
         """Export zeros for configured targets, so rate() and increase() see their first event."""
@@ -122,27 +154,27 @@ class SessionMetrics:
         target = self.target_label(outcome)
         trust = outcome.tls.trust if outcome.tls and outcome.tls.trust else "none"
         error = outcome.error.value if outcome.error else ""
-        self.attempts.labels(target, _result(outcome), error, trust).inc()
+        self._attempts(target, _result(outcome), error, trust).inc()
         if outcome.tls is not None and outcome.tls.fallback:
-            self.tls_fallback.labels(target, _result(outcome)).inc()
+            self._tls_fallback(target, _result(outcome)).inc()
         timings = outcome.timings
         for stage in STAGES:
             seconds = getattr(timings, stage)
             if seconds is not None:
-                self.stage_duration.labels(target, stage).observe(seconds)
+                self._stage_duration(target, stage).observe(seconds)
 
     def request_ended(self, outcome: Outcome) -> None:
         """The final outcome of a request, after its retries."""
         target = self.target_label(outcome)
         error = outcome.error.value if outcome.error else ""
-        self.opens.labels(target, _result(outcome), error).inc()
+        self._opens(target, _result(outcome), error).inc()
         if outcome.timings.total is not None:
-            self.duration.labels(target, _result(outcome)).observe(outcome.timings.total)
+            self._duration(target, _result(outcome)).observe(outcome.timings.total)
         if outcome.error is not None and outcome.error.value == "invalid_request":
             return  # says nothing about the server: leave up/expiry as they were
-        self.up.labels(target).set(1 if outcome.ok else 0)
+        self._up(target).set(1 if outcome.ok else 0)
         if outcome.ok:
-            self.last_success.labels(target).set(time.time())
+            self._last_success(target).set(time.time())
         cert = outcome.tls.cert if outcome.tls else None
         if cert is not None:
-            self.cert_expiry.labels(target).set(_timestamp(cert.not_after))
+            self._cert_expiry(target).set(_timestamp(cert.not_after))

@@ -53,7 +53,7 @@ def _say_as_log(message: str, file: Any = None) -> None:
     stream = sys.__stderr__  # logs go to stderr, like every other line of ours
     if stream is not None:
         with contextlib.suppress(OSError, ValueError):
-            os.write(stream.fileno(), (json.dumps(event) + "\n").encode())
+            os.write(stream.fileno(), (json.dumps(event, separators=(",", ":")) + "\n").encode())
 
 
 def _banner_as_log(self: celery_worker.Worker) -> None:

@@ -983,7 +983,7 @@ def test_the_image_command_runs_a_worker_that_the_healthcheck_and_probes_find(
     argv = Invocation("compose worker", compose_argv(service, image)).local
     worker = WorkerProcess(argv, env, tmp_path / "worker.log")
     try:
-        line = worker.wait_for_line(r'"event": "metrics.listening"', timeout=START_TIMEOUT)
+        line = worker.wait_for_line(r'"event":"metrics.listening"', timeout=START_TIMEOUT)
         port = json.loads(line)["port"]
 
         # Kubernetes' startup and readiness probes: an HTTP GET of their path, answered.
@@ -1041,7 +1041,7 @@ def test_the_beat_command_starts_and_writes_json_only(
     assert argv != Invocation("compose beat", compose_argv(service, image)).local
     beat = WorkerProcess(argv, env, tmp_path / "beat.log")
     try:
-        beat.wait_for_line(r'"event": "beat: Starting', timeout=START_TIMEOUT)
+        beat.wait_for_line(r'"event":"beat: Starting', timeout=START_TIMEOUT)
         assert beat.running
         # No banner (--quiet): a log pipeline meets only JSON from beat too.
         for line in beat.output().splitlines():
@@ -1099,7 +1099,7 @@ def test_the_worker_and_beat_units_share_the_embedded_broker_on_one_machine(
     worker = WorkerProcess(*unit_process(worker_unit, tmp_path, extra), tmp_path / "worker.log")
     beat = WorkerProcess(*unit_process(beat_unit, tmp_path, extra), tmp_path / "beat.log")
     try:
-        line = worker.wait_for_line(r'"event": "session\.result"', timeout=START_TIMEOUT)
+        line = worker.wait_for_line(r'"event":"session\.result"', timeout=START_TIMEOUT)
         result = json.loads(line)
         assert (result["target"], result["error"]) == ("loopback", "refused"), line
         assert beat.running

@@ -91,7 +91,7 @@ def session_events(
     stores the result, and the test's reader thread may not have copied it yet.
     """
     worker.wait_for_line(
-        rf'(?=.*"event": "session\.result")(?=.*"{re.escape(task_id)}")', timeout=RESULT_TIMEOUT
+        rf'(?=.*"event":"session\.result")(?=.*"{re.escape(task_id)}")', timeout=RESULT_TIMEOUT
     )
     events = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
     return [
