@@ -107,8 +107,11 @@ def create_app(settings: Settings | None = None) -> Celery:
         # Many sessions per process, each in a pool thread that waits on the shared loop.
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
-        # One message per thread: a crash strands nothing beyond what was running.
-        worker_prefetch_multiplier=1,
+        # Two messages per thread: the next session starts while a thread still stores the
+        # previous one's result and acknowledges it (one per thread left 27 % of the threads
+        # idle at 200 ms per reply: bench/worker_path.py). Unacknowledged, a reserved message
+        # goes back to the queue when the worker stops or dies.
+        worker_prefetch_multiplier=2,
         # The threads pool enforces no time limits: the tasks bound themselves (each
         # session's deadlines, then tasks.background_loop's limit per task).
         # A broker that is down at start or goes away later is waited for, forever.
