@@ -55,7 +55,7 @@ def _timestamp(iso_utc: str) -> float:
 
 
 class SessionMetrics:
-    """The metrics of DESIGN.md "Metrics": a SessionObserver recording Outcomes."""
+    """The metrics of docs/metrics.md: a SessionObserver recording Outcomes."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The thin Celery tasks over the session core (task names are public: DESIGN.md).
+"""The thin Celery tasks over the session core (task names are public: docs/tasks.md).
 
 The worker runs Celery's `threads` pool (see worker.app): each task runs in a pool
 thread, which validates the request, hands the session to the process's one event loop

@@ -1,10 +1,10 @@
-"""The Outcome of one session request (JSON `schema: 1`, see DESIGN.md)."""
+"""The Outcome of one session request (JSON `schema: 1`, see docs/outcome.md)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import ErrorCategory, Stage
 
@@ -76,7 +76,9 @@ class Timings(_Frozen):
 
 
 class Outcome(_Frozen):
-    schema_: int = SCHEMA_VERSION
+    """What one session request came to: see docs/outcome.md."""
+
+    schema_: int = Field(default=SCHEMA_VERSION, alias="schema")
     ok: bool
     err_message: str
     error: ErrorCategory | None = None
@@ -100,9 +102,8 @@ class Outcome(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready dict, keyed as in DESIGN.md (`schema`, not `schema_`)."""
-        data = self.model_dump(mode="json")
-        return {"schema": data.pop("schema_"), **data}
+        """The JSON-ready dict, keyed as in docs/outcome.md (`schema`, not `schema_`)."""
+        return self.model_dump(mode="json", by_alias=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
@@ -113,3 +114,11 @@ class Outcome(_Frozen):
         fields = dict(data)
         fields["schema_"] = fields.pop("schema", SCHEMA_VERSION)
         return cls.model_validate(_known(cls, fields))
+
+
+def json_schema() -> dict[str, Any]:
+    """The Outcome's JSON Schema, made from the model (`smtp-session schema` prints it)."""
+    schema = Outcome.model_json_schema(by_alias=True, mode="serialization")
+    schema["title"] = "smtp-session Outcome"
+    schema["description"] = f"The outcome of one SMTP session request, schema {SCHEMA_VERSION}."
+    return schema

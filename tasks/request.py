@@ -59,7 +59,7 @@ def _ascii_host(host: str) -> str:
 
 
 class SessionRequest(BaseModel):
-    """What to connect to and how; see DESIGN.md "Session request"."""
+    """What to connect to and how; see docs/request.md."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from monitoring.logging import configure_logging
 from tasks.contract import attempt_time_limit
 from tasks.errors import ErrorCategory, InvalidRequest
-from tasks.outcome import Outcome
+from tasks.outcome import Outcome, json_schema
 from tasks.request import parse_request
 from tasks.session import MAX_BACKOFF, open_session, rejected
 from tasks.sweep import SweepSummary, with_defaults
@@ -143,8 +143,15 @@ def emit(outcome: Outcome, *, as_json: bool) -> NoReturn:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="smtp-session-worker", prog_name="smtp-session")
 def main() -> None:
     """Open outbound SMTP sessions and report why they fail."""
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the outcome (as docs/outcome.schema.json holds it)."""
+    click.echo(json.dumps(json_schema(), indent=2))
 
 
 @main.command()

@@ -38,7 +38,7 @@ class InvalidSettings(SessionWorkerError, ValueError):
 
 
 class Settings(BaseSettings):
-    """See DESIGN.md "Settings"; every field is `SMTP_SESSION_<FIELD>` in the environment."""
+    """See docs/settings.md; every field is `SMTP_SESSION_<FIELD>` in the environment."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 

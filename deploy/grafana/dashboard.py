@@ -8,7 +8,7 @@ run from the repository root::
 
 Every query runs in the tests against a real Prometheus (no Grafana server can be
 installed on the build machines), with ``$target`` and ``$__rate_interval`` filled in.
-Metric names and labels: DESIGN.md "Metrics"; recorded series: deploy/prometheus/rules.yml.
+Metric names and labels: docs/metrics.md; recorded series: deploy/prometheus/rules.yml.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def errors_panel() -> timeseries.Panel:
     return (
         _timeseries(
             "Failures by error category",
-            "Final failures per minute, stacked by the error category of DESIGN.md "
+            "Final failures per minute, stacked by the error category (docs/errors.md) "
             "(the message itself is in the session.result log events).",
             PER_MINUTE_UNIT,
         )

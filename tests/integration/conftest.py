@@ -383,7 +383,7 @@ def running_task(client: Celery, task_id: str, *, timeout: float) -> dict[str, A
 def celery_client(redis_server: RedisServer) -> Iterator[Celery]:
     """A Celery app as a web backend would configure it: broker and backend URL, nothing else.
 
-    Deliberately not ``worker.app``: DESIGN.md promises that a caller needs only Celery,
+    Deliberately not ``worker.app``: docs/tasks.md promises that a caller needs only Celery,
     the URL and the task name.
     """
     client = Celery("web-backend", broker=redis_server.url, backend=redis_server.url)

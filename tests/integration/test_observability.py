@@ -79,7 +79,7 @@ RESULT_TIMEOUT = 30.0
 PROMETHEUS_TIMEOUT = 20.0
 SESSIONS = 50
 
-#: The fields DESIGN.md "Log events" promises on `session.attempt` and `session.result`.
+#: The fields docs/logs.md promises on `session.attempt` and `session.result`.
 SESSION_FIELDS = frozenset(
     {"ok", "err_message", "error", "stage", "host", "port", "target", "attempt", "trust"}
     | {"fallback", "duration_s"}
@@ -376,7 +376,7 @@ def timestamp(event: Mapping[str, Any]) -> float:
 async def test_a_request_retried_through_celery_reports_its_whole_duration(
     launch_worker: Launcher, celery_client: Celery, raw_server_factory: RawServerFactory
 ) -> None:
-    """DESIGN.md: smtp_session_duration_seconds is the "whole request, retries included"."""
+    """docs/metrics.md: smtp_session_duration_seconds is the "whole request, retries included"."""
     transient = await raw_server_factory("banner_421")
     worker = await launch_worker()
 

@@ -1,4 +1,4 @@
-"""open_session against real servers on loopback: every outcome DESIGN.md promises."""
+"""open_session against real servers on loopback: every outcome docs/errors.md promises."""
 
 from __future__ import annotations
 
