@@ -1,4 +1,5 @@
-"""What every benchmark shares: certificates, the server process, tables, JSON results.
+"""What every benchmark shares: certificates, the server process, tables, JSON results,
+the two ways the core reports (bare, or as deployed), and /proc readings.
 
 Nothing here imports from tests/: the benchmarks carry their own small copies of the
 ideas (trustme certificates, loopback servers on port 0 with the port read back).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -18,13 +20,18 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import trustme
+from prometheus_client import CollectorRegistry
+
+from monitoring.logging import configure_logging
+from monitoring.metrics import SessionMetrics
+from tasks.observe import LOG, SessionObserver
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -35,8 +42,16 @@ SERVER_NAMES = ("localhost", LOOPBACK)
 EHLO_NAME = "bench.example"
 #: Bound on starting or stopping a helper process (a Python server imports in < 1 s).
 PROCESS_TIMEOUT = 30.0
+#: The code a benchmark measures: a change there makes a run "dirty".
+MEASURED_CODE = ("tasks", "worker", "monitoring")
 #: How long a Celery/Redis/exporter helper may take to come up.
 START_TIMEOUT = 30.0
+#: Every session's deadline: generous, loopback sessions take milliseconds.
+SESSION_TIMEOUT = 10.0
+#: The core as a library call: it reports to nobody.
+BARE_CORE: tuple[SessionObserver, ...] = ()
+#: /proc/<pid>/stat counts CPU time in clock ticks.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -65,10 +80,31 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def _git(*args: str) -> str | None:
+    try:
+        completed = subprocess.run(  # noqa: S603 - git, on this repository
+            ["git", *args],  # noqa: S607 - git from PATH
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip()
+
+
 def machine() -> dict[str, Any]:
-    """Where and when the numbers were taken: they mean little without it."""
+    """Where, when and on what code the numbers were taken: they mean little without it.
+
+    `dirty`: the measured code (not bench/) had uncommitted changes when the run ended.
+    """
+    changes = _git("status", "--porcelain", "--", *MEASURED_CODE)
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(changes) if changes is not None else None,
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
@@ -133,6 +169,36 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
+# ----------------------------------------------------------------------------- sessions
+
+
+def plain_request(port: int, **fields: Any) -> dict[str, Any]:
+    """The fields of a plain session to a loopback port, as task kwargs; `fields` on top."""
+    return {
+        "host": LOOPBACK,
+        "port": port,
+        "security": "plain",
+        "ehlo_name": EHLO_NAME,
+        "retries": 0,
+        "timeout": SESSION_TIMEOUT,
+        **fields,
+    }
+
+
+# ----------------------------------------------------------------------------- observers
+
+
+def deployed_observers(known_targets: Iterable[str] | None = None) -> tuple[SessionObserver, ...]:
+    """What the worker reports to: the JSON log and Prometheus metrics (a registry of their own)."""
+    metrics = SessionMetrics(registry=CollectorRegistry(), known_targets=known_targets)
+    return (LOG, metrics)
+
+
+def configure_deployed_logging(stream: TextIO) -> None:
+    """JSON lines at INFO, as the worker logs (to `stream` instead of stderr)."""
+    configure_logging("json", level=logging.INFO, stream=stream)
+
+
 # ----------------------------------------------------------------------------- process
 
 
@@ -144,20 +210,66 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def peak_rss_kib() -> int:
-    """This process's peak resident set (VmHWM), in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+def _status_kib(field: str, pid: int | str) -> int | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB as well
+    return None
 
 
-def rss_kib() -> int:
-    """This process's resident set now (VmRSS), in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+def peak_rss_kib(pid: int | str = "self") -> int:
+    """A process's peak resident set (VmHWM), in KiB (this process by default)."""
+    peak = _status_kib("VmHWM", pid)
+    if peak is None and pid == "self":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB as well
+    return peak or 0
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    """A process's resident set now (VmRSS), in KiB (this process by default)."""
+    return _status_kib("VmRSS", pid) or 0
+
+
+def _stat_cpu_seconds(stat: Path) -> float:
+    # The command name (2nd field) may hold spaces and parentheses: split after its last ")".
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLOCK_TICKS
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads, from /proc (10 ms ticks)."""
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU of each thread of a process, by thread id."""
+    seconds: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            seconds[int(task.name)] = _stat_cpu_seconds(task / "stat")
+    return seconds
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (through /proc/<pid>/task/<tid>/children)."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        with contextlib.suppress(OSError):
+            for children in Path(f"/proc/{current}/task").glob("*/children"):
+                pending += [int(child) for child in children.read_text().split()]
+    return tree
+
+
+def tree_rss_kib(pid: int) -> int:
+    """The resident set of a process and its descendants together, in KiB."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):  # a child that ended meanwhile
+            total += rss_kib(member)
+    return total
 
 
 # ----------------------------------------------------------------------------- certificates

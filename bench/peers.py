@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import os
 import re
@@ -35,27 +34,26 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
-
-from prometheus_client import CollectorRegistry
 
 from bench.common import (
     EHLO_NAME,
     LOOPBACK,
     PROCESS_TIMEOUT,
     START_TIMEOUT,
+    configure_deployed_logging,
+    deployed_observers,
     make_pki,
     print_table,
     ratio,
     server_process,
     write_result,
 )
-from monitoring.logging import configure_logging
-from monitoring.metrics import SessionMetrics
+from tasks.observe import SessionObserver
 from tasks.request import parse_request
 from tasks.sweep import sweep
 
@@ -265,7 +263,9 @@ async def bounded(checker: Checker, targets: list[Target]) -> tuple[int, float]:
     return results.count(False), time.perf_counter() - started
 
 
-def ours_checker(ca_file: Path, metrics: SessionMetrics) -> Callable[[list[Target]], Any]:
+def ours_checker(
+    ca_file: Path, observers: Sequence[SessionObserver]
+) -> Callable[[list[Target]], Any]:
     async def run(targets: list[Target]) -> tuple[int, float]:
         items = [
             parse_request(
@@ -283,7 +283,7 @@ def ours_checker(ca_file: Path, metrics: SessionMetrics) -> Callable[[list[Targe
             for mode, port in targets
         ]
         started = time.perf_counter()
-        summary = await sweep(items, concurrency=CONCURRENCY, metrics=metrics)
+        summary = await sweep(items, concurrency=CONCURRENCY, observers=observers)
         return summary.failed, time.perf_counter() - started
 
     return run
@@ -296,9 +296,8 @@ async def measure(
         mode: [(mode, ports[mode][index % len(ports[mode])]) for index in range(TARGETS_PER_MODE)]
         for mode in MODES
     }
-    metrics = SessionMetrics(registry=CollectorRegistry())
     clients: dict[str, Callable[[list[Target]], Awaitable[tuple[int, float]]]] = {
-        OURS: ours_checker(ca_file, metrics)
+        OURS: ours_checker(ca_file, deployed_observers())
     }
     limits = {CLI: CLI_TARGETS}
 
@@ -409,7 +408,7 @@ def main() -> None:
     ):
         folder = Path(name)
         pki = make_pki(folder)
-        configure_logging("json", level=logging.INFO, stream=sink)
+        configure_deployed_logging(sink)
         args = [
             *("--plain", str(SERVERS_PER_MODE), "--starttls", str(SERVERS_PER_MODE)),
             *("--chain", str(pki.server_chain)),

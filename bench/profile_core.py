@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtplib import SMTP
-from prometheus_client import CollectorRegistry
 from pyinstrument import Profiler
 from pyinstrument.frame import Frame
 
@@ -35,13 +34,13 @@ from bench.common import (
     LOOPBACK,
     REPO,
     RESULTS_DIR,
+    deployed_observers,
     make_pki,
     print_table,
     server_process,
     write_result,
 )
 from bench.core_overhead import configure_for, our_session, raw_session, run_round
-from monitoring.metrics import SessionMetrics
 from tasks.session import open_session
 from tasks.trust import verifying_context
 
@@ -185,14 +184,14 @@ async def _raw_steps(port: int, starttls: bool, context: ssl.SSLContext) -> dict
 
 
 async def profile(ports: dict[str, list[int]], ca_file: str, sink: Any) -> dict[str, Any]:
-    metrics = SessionMetrics(registry=CollectorRegistry())
+    observers = deployed_observers()
     configure_for("deployed", sink)
     results: dict[str, Any] = {}
     texts: list[str] = []
     for mode, count in SESSIONS.items():
         starttls = mode == "starttls"
         port = ports[mode][0]
-        session = our_session(port, starttls=starttls, ca_file=ca_file, metrics=metrics)
+        session = our_session(port, starttls=starttls, ca_file=ca_file, observers=observers)
         raw = raw_session(port, starttls=starttls, ca_file=ca_file)
         await run_round(session, WARMUP_SESSIONS, CONCURRENCY)
         await run_round(raw, WARMUP_SESSIONS, CONCURRENCY)

@@ -5,7 +5,9 @@
 * ``plain`` / ``starttls``: real aiosmtpd servers (STARTTLS required before anything
   but EHLO/NOOP/QUIT in ``starttls``), presenting the certificate in ``--chain``;
 * ``slow``: a raw asyncio ESMTP responder that waits ``--banner-delay`` seconds before
-  its greeting on every connection, then answers EHLO and QUIT (the sweep's fault).
+  its greeting on every connection, then answers EHLO and QUIT (the sweep's fault),
+  each reply after ``--reply-delay`` seconds (default 0: at once). With both delays
+  equal, every reply line the server sends comes that long after what it answers.
 
 Each binds 127.0.0.1 port 0 and keeps its socket; once all listen, one JSON line
 ``{"plain": [...], "starttls": [...], "slow": [...]}`` goes to stdout. The process
@@ -29,6 +31,7 @@ from bench.common import LOOPBACK, SERVER_NAMES, raise_open_files_limit
 #: (100) would drop SYNs, turning a 200 ms banner delay into a 1 s SYN retransmit.
 BACKLOG = 4096
 DEFAULT_BANNER_DELAY = 0.2
+DEFAULT_REPLY_DELAY = 0.0
 SLOW_GREETING = b"220 localhost ESMTP bench (slow banner)\r\n"
 SLOW_EHLO_REPLY = b"250-localhost\r\n250-8BITMIME\r\n250 SIZE 35882577\r\n"
 SLOW_QUIT_REPLY = b"221 2.0.0 Bye\r\n"
@@ -63,42 +66,60 @@ class _QuietHandler:
 
 
 class _SlowBanner(asyncio.Protocol):
-    """Greets after a delay, then answers EHLO, QUIT and anything else minimally."""
+    """Greets after a delay, then answers EHLO, QUIT and anything else minimally.
 
-    def __init__(self, delay: float) -> None:
+    Each reply goes out `reply_delay` seconds after its command (at once when 0); a
+    client waits for every reply before its next command, so replies never overtake.
+    """
+
+    def __init__(self, delay: float, reply_delay: float = DEFAULT_REPLY_DELAY) -> None:
         self._delay = delay
+        self._reply_delay = reply_delay
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
-        self._greeting: asyncio.TimerHandle | None = None
+        self._pending: set[asyncio.TimerHandle] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        loop = asyncio.get_running_loop()
-        self._greeting = loop.call_later(self._delay, transport.write, SLOW_GREETING)
+        self._send_after(self._delay, SLOW_GREETING)
+
+    def _send_after(self, delay: float, reply: bytes, *, close: bool = False) -> None:
+        if delay <= 0:
+            self._send(reply, close)
+            return
+        handle = asyncio.get_running_loop().call_later(delay, self._send, reply, close)
+        self._pending.add(handle)
+
+    def _send(self, reply: bytes, close: bool) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(reply)
+        if close:
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None:
+        if self._transport is None:
             return
         self._buffer += data
         while (end := self._buffer.find(b"\n")) >= 0:
             verb = bytes(self._buffer[:4]).upper()
             del self._buffer[: end + 1]
             if verb in (b"EHLO", b"HELO"):
-                transport.write(SLOW_EHLO_REPLY)
+                self._send_after(self._reply_delay, SLOW_EHLO_REPLY)
             elif verb == b"QUIT":
-                transport.write(SLOW_QUIT_REPLY)
-                transport.close()
+                self._send_after(self._reply_delay, SLOW_QUIT_REPLY, close=True)
                 return
             else:
-                transport.write(SLOW_OTHER_REPLY)
+                self._send_after(self._reply_delay, SLOW_OTHER_REPLY)
         if len(self._buffer) > MAX_LINE:
-            transport.close()
+            self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._greeting is not None:
-            self._greeting.cancel()
+        for handle in self._pending:
+            handle.cancel()
+        self._pending.clear()
         self._transport = None
 
 
@@ -139,7 +160,11 @@ async def serve(arguments: argparse.Namespace) -> None:
     for kind, count, factory in (
         ("plain", arguments.plain, smtp(None)),
         ("starttls", arguments.starttls, smtp(context)),
-        ("slow", arguments.slow, lambda: _SlowBanner(arguments.banner_delay)),
+        (
+            "slow",
+            arguments.slow,
+            lambda: _SlowBanner(arguments.banner_delay, arguments.reply_delay),
+        ),
     ):
         servers, ports[kind] = await _listen(factory, count)
         everything += servers
@@ -159,6 +184,7 @@ def main() -> None:
     parser.add_argument("--starttls", type=int, default=0, help="aiosmtpd servers, STARTTLS")
     parser.add_argument("--slow", type=int, default=0, help="raw slow-banner servers")
     parser.add_argument("--banner-delay", type=float, default=DEFAULT_BANNER_DELAY)
+    parser.add_argument("--reply-delay", type=float, default=DEFAULT_REPLY_DELAY)
     parser.add_argument("--chain", help="PEM with the server certificate chain and key")
     raise_open_files_limit()
     asyncio.run(serve(parser.parse_args()))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
 import os
 import subprocess
@@ -32,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    EHLO_NAME,
-    LOOPBACK,
     REPO,
+    configure_deployed_logging,
     cpu_seconds,
+    deployed_observers,
     peak_rss_kib,
+    plain_request,
     print_table,
     raise_open_files_limit,
     ratio,
@@ -57,7 +57,6 @@ RUNS = (
     (*MEMORY_RUN, False),
 )
 SERVERS = 8
-SESSION_TIMEOUT = 10.0
 #: Bound on one child: the 5,000-target sweep is ideally 10 s.
 CHILD_TIMEOUT = 120.0
 
@@ -68,37 +67,24 @@ CHILD_TIMEOUT = 120.0
 async def _child_sweep(
     size: int, concurrency: int, ports: list[int], *, with_metrics: bool
 ) -> dict[str, Any]:
-    from prometheus_client import CollectorRegistry
-
-    from monitoring.metrics import SessionMetrics
+    from tasks.observe import DEFAULT_OBSERVERS
     from tasks.request import parse_request
     from tasks.session import open_session
     from tasks.sweep import sweep
 
     names = [f"target-{index:05d}" for index in range(size)]
     items = [
-        parse_request(
-            {
-                "host": LOOPBACK,
-                "port": ports[index % len(ports)],
-                "security": "plain",
-                "ehlo_name": EHLO_NAME,
-                "retries": 0,
-                "timeout": SESSION_TIMEOUT,
-                "target": name,
-            }
-        )
+        parse_request(plain_request(ports[index % len(ports)], target=name))
         for index, name in enumerate(names)
     ]
-    metrics = (
-        SessionMetrics(registry=CollectorRegistry(), known_targets=names) if with_metrics else None
-    )
+    # As deployed (the log and metrics), or the log alone: what the sweep itself keeps.
+    observers = deployed_observers(known_targets=names) if with_metrics else DEFAULT_OBSERVERS
     # Warm-up (imports, first-use caches) before the baseline is taken.
-    await open_session(items[0], metrics=metrics)
+    await open_session(items[0], observers=observers)
     rss_before, peak_before = rss_kib(), peak_rss_kib()
     cpu = cpu_seconds()
     started = time.perf_counter()
-    summary = await sweep(items, concurrency=concurrency, metrics=metrics)
+    summary = await sweep(items, concurrency=concurrency, observers=observers)
     wall = time.perf_counter() - started
     errors = Counter(o.error.value for o in summary.outcomes if o.error is not None)
     return {
@@ -117,11 +103,9 @@ async def _child_sweep(
 
 
 def child(arguments: argparse.Namespace) -> None:
-    from monitoring.logging import configure_logging
-
     raise_open_files_limit()
     with open(os.devnull, "w") as sink:
-        configure_logging("json", level=logging.INFO, stream=sink)
+        configure_deployed_logging(sink)
         ports = [int(port) for port in arguments.ports.split(",")]
         result = asyncio.run(
             _child_sweep(
