@@ -56,4 +56,4 @@ bench: $(BENCH_STAMP) bench-deps
 	done
 
 clean:
-	rm -rf $(VENV) .smtp-session .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .coverage .coverage.* .mypy_cache .pytest_cache .ruff_cache

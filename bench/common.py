@@ -29,9 +29,9 @@ from typing import IO, Any, TextIO
 import trustme
 from prometheus_client import CollectorRegistry
 
-from monitoring.logging import configure_logging
-from monitoring.metrics import SessionMetrics
-from tasks.observe import LOG, SessionObserver
+from smtp_session.monitoring.logging import configure_logging
+from smtp_session.monitoring.metrics import SessionMetrics
+from smtp_session.tasks.observe import LOG, SessionObserver
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"

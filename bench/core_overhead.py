@@ -47,10 +47,10 @@ from bench.common import (
     server_process,
     write_result,
 )
-from monitoring.logging import configure_logging
-from tasks.observe import SessionObserver
-from tasks.session import open_session
-from tasks.trust import verifying_context
+from smtp_session.monitoring.logging import configure_logging
+from smtp_session.tasks.observe import SessionObserver
+from smtp_session.tasks.session import open_session
+from smtp_session.tasks.trust import verifying_context
 
 NAME = "core_overhead"
 MODES = ("plain", "starttls")

@@ -44,11 +44,11 @@ from bench.common import (
     server_process,
     write_result,
 )
-from monitoring.logging import configure_logging
-from tasks.outcome import Outcome
-from tasks.session import open_session
-from tasks.trust import forget_contexts
-from tasks.trust_memory import TrustMemory
+from smtp_session.monitoring.logging import configure_logging
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.session import open_session
+from smtp_session.tasks.trust import forget_contexts
+from smtp_session.tasks.trust_memory import TrustMemory
 
 NAME = "fallback_cost"
 VARIANTS = ("auto", "auto+memory", "portable")

@@ -53,9 +53,9 @@ from bench.common import (
     server_process,
     write_result,
 )
-from tasks.observe import SessionObserver
-from tasks.request import parse_request
-from tasks.sweep import sweep
+from smtp_session.tasks.observe import SessionObserver
+from smtp_session.tasks.request import parse_request
+from smtp_session.tasks.sweep import sweep
 
 NAME = "peers"
 TARGETS_PER_MODE = 200

@@ -41,8 +41,8 @@ from bench.common import (
     write_result,
 )
 from bench.core_overhead import configure_for, our_session, raw_session, run_round
-from tasks.session import open_session
-from tasks.trust import verifying_context
+from smtp_session.tasks.session import open_session
+from smtp_session.tasks.trust import verifying_context
 
 NAME = "profile_core"
 SESSIONS = {"plain": 1500, "starttls": 500}

@@ -67,10 +67,10 @@ CHILD_TIMEOUT = 120.0
 async def _child_sweep(
     size: int, concurrency: int, ports: list[int], *, with_metrics: bool
 ) -> dict[str, Any]:
-    from tasks.observe import DEFAULT_OBSERVERS
-    from tasks.request import parse_request
-    from tasks.session import open_session
-    from tasks.sweep import sweep
+    from smtp_session.tasks.observe import DEFAULT_OBSERVERS
+    from smtp_session.tasks.request import parse_request
+    from smtp_session.tasks.session import open_session
+    from smtp_session.tasks.sweep import sweep
 
     names = [f"target-{index:05d}" for index in range(size)]
     items = [

@@ -85,11 +85,11 @@ from bench.common import (
     tree_rss_kib,
     write_result,
 )
-from tasks.contract import DEFAULT_CONCURRENCY
-from tasks.observe import SessionObserver
-from tasks.request import parse_request
-from tasks.sweep import sweep
-from tasks.trust_memory import TrustMemory
+from smtp_session.tasks.contract import DEFAULT_CONCURRENCY
+from smtp_session.tasks.observe import SessionObserver
+from smtp_session.tasks.request import parse_request
+from smtp_session.tasks.sweep import sweep
+from smtp_session.tasks.trust_memory import TrustMemory
 
 NAME = "worker_path"
 OPEN_TASK = "smtp_session.open"  # the public task name, as a web backend spells it
@@ -139,7 +139,7 @@ WORKER_POOL = "worker pool + other threads"
 TOTAL = "total"
 COMPONENTS = (BENCH_PROCESS, REDIS, WORKER_MAIN, WORKER_LOOP, WORKER_POOL, SMTP_SERVER, TOTAL)
 
-CELERY_WORKER = ["-A", "worker.app", "worker", "--loglevel=INFO"]
+CELERY_WORKER = ["-A", "smtp_session.worker.app", "worker", "--loglevel=INFO"]
 #: As deployed: default settings, so the threads pool and its default concurrency.
 THREADS_ARGV = [str(BIN / "smtp-session"), "worker"]
 PREFORK_ARGV = [

@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from tasks.outcome import Outcome
+from smtp_session.tasks.outcome import Outcome
 
 ADHOC_TARGET = "adhoc"
 NAMESPACE = "smtp_session"

@@ -1,6 +1,6 @@
 """The thin Celery tasks over the session core (task names are public: docs/tasks.md).
 
-The worker runs Celery's `threads` pool (see worker.app): each task runs in a pool
+The worker runs Celery's `threads` pool (see smtp_session.worker.app): each task runs in a pool
 thread, which validates the request, hands the session to the process's one event loop
 (tasks.background_loop) and waits for its outcome. So a process runs as many sessions at
 once as it has threads, each task keeping its own id, result, latency and retries.
@@ -15,27 +15,27 @@ from typing import Any
 
 from celery import Celery, Task, shared_task
 
-from monitoring.metrics import SessionMetrics
-from tasks.background_loop import BackgroundLoop, TaskTimeLimitExceeded
-from tasks.contract import (
+from smtp_session.monitoring.metrics import SessionMetrics
+from smtp_session.tasks.background_loop import BackgroundLoop, TaskTimeLimitExceeded
+from smtp_session.tasks.contract import (
     CHECK_TARGET_TASK,
     DEFAULT_CONCURRENCY,
     OPEN_TASK,
     SWEEP_TASK,
     attempt_time_limit,
 )
-from tasks.errors import InvalidRequest
-from tasks.observe import LOG, SessionObserver, report
-from tasks.outcome import Outcome
-from tasks.request import MAX_TIMEOUT, SessionRequest
-from tasks.session import (
+from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.tasks.observe import LOG, SessionObserver, report
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.request import MAX_TIMEOUT, SessionRequest
+from smtp_session.tasks.session import (
     DEFAULT_RETRY_POLICY,
     overran,
     prepare,
     rejected,
     run_attempt,
 )
-from tasks.sweep import (
+from smtp_session.tasks.sweep import (
     DomainCheck,
     SweepItem,
     SweepSummary,
@@ -43,7 +43,7 @@ from tasks.sweep import (
     time_limit,
     with_defaults,
 )
-from tasks.trust_memory import TrustMemory
+from smtp_session.tasks.trust_memory import TrustMemory
 
 # Unix time the request's first attempt began: a retry's outcome covers the whole request.
 STARTED_HEADER = "smtp_session_started"
@@ -58,7 +58,7 @@ _loop = BackgroundLoop()
 _trust_memory = TrustMemory()
 
 
-# worker.app hangs the worker's settings and targets on the app object itself, not in
+# smtp_session.worker.app hangs the worker's settings and targets on the app object itself, not in
 # app.conf: `celery inspect conf` would print them, broker password included.
 SETTINGS_ATTRIBUTE = "smtp_session_settings"
 TARGETS_ATTRIBUTE = "smtp_session_targets"
@@ -167,7 +167,7 @@ def run_session_task(
 
 def _check_timeout(request: SessionRequest, max_timeout: float) -> None:
     # The longest deadline bounds how long a task can run, and so how soon Redis may hand
-    # the tasks of a killed worker to another one (worker.app's visibility timeout).
+    # the tasks of a killed worker to another one (smtp_session.worker.app's visibility timeout).
     if request.timeout > max_timeout:
         raise InvalidRequest(
             "timeout", f"must be at most {max_timeout:g} s here (SMTP_SESSION_MAX_TIMEOUT)"

@@ -21,7 +21,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from tasks.errors import ErrorCategory, SessionFailure, Stage
+from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
 
 # OpenSSL X509_V_ERR_* codes; the native verifiers on Windows and macOS map to these.
 CERT_NOT_YET_VALID = 9

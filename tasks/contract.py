@@ -1,6 +1,6 @@
 """The public task names and time budgets, shared by the tasks and their callers.
 
-Light on purpose: a web backend imports this (through worker.client) with Celery and
+Light on purpose: a web backend imports this (through smtp_session.worker.client) with Celery and
 pydantic only, none of the worker's session machinery.
 """
 

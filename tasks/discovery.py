@@ -10,7 +10,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from tasks.errors import ErrorCategory, SessionFailure
+from smtp_session.tasks.errors import ErrorCategory, SessionFailure
 
 SUBMISSION_SRV = "_submission._tcp"
 MX_PORT = 25

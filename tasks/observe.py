@@ -12,7 +12,7 @@ from typing import Protocol
 
 import structlog
 
-from tasks.outcome import Outcome
+from smtp_session.tasks.outcome import Outcome
 
 log = structlog.get_logger("smtp_session")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import ErrorCategory, Stage
+from smtp_session.tasks.errors import ErrorCategory, Stage
 
 SCHEMA_VERSION = 1
 

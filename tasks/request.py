@@ -11,7 +11,7 @@ from typing import Any, Literal
 import idna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import InvalidRequest
+from smtp_session.tasks.errors import InvalidRequest
 
 Security = Literal["auto", "starttls", "tls", "plain"]
 Trust = Literal["auto", "native", "portable"]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.errors import InvalidRequest
+from smtp_session.tasks.errors import InvalidRequest
 
 ENV_PREFIX = "SMTP_SESSION_SECRET_"
 SECRETS_DIR_VARIABLE = "SMTP_SESSION_SECRETS_DIR"

@@ -19,20 +19,31 @@ from typing import Any, TypeVar
 import structlog
 from aiosmtplib import SMTP, SMTPException, SMTPResponse
 
-from tasks.classify import CERT_HAS_EXPIRED, STAGE_ACTIVITY, Failure, classify, quote_reply
-from tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
-from tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
-from tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
-from tasks.request import IMPLICIT_TLS_PORT, MAX_HOST_LENGTH, SessionRequest, parse_request
-from tasks.resolve import connect_first, local_hostname, resolve
-from tasks.secrets import Credentials, redact, resolve_credentials
-from tasks.trust import (
+from smtp_session.tasks.classify import (
+    CERT_HAS_EXPIRED,
+    STAGE_ACTIVITY,
+    Failure,
+    classify,
+    quote_reply,
+)
+from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
+from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
+from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
+from smtp_session.tasks.request import (
+    IMPLICIT_TLS_PORT,
+    MAX_HOST_LENGTH,
+    SessionRequest,
+    parse_request,
+)
+from smtp_session.tasks.resolve import connect_first, local_hostname, resolve
+from smtp_session.tasks.secrets import Credentials, redact, resolve_credentials
+from smtp_session.tasks.trust import (
     TrustMode,
     fetch_unverified_certificate,
     peer_certificate,
     verifying_context,
 )
-from tasks.trust_memory import TrustMemory
+from smtp_session.tasks.trust_memory import TrustMemory
 
 DEFAULT_BACKOFF_BASE = 1.0
 MAX_BACKOFF = 30.0

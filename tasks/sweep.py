@@ -11,20 +11,25 @@ from typing import Any
 import dns.asyncresolver
 from pydantic import BaseModel, ConfigDict
 
-from tasks.contract import attempt_time_limit
-from tasks.discovery import MAX_DISCOVERED, discover
-from tasks.errors import ErrorCategory, SessionFailure, Stage
-from tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
-from tasks.outcome import Outcome
-from tasks.request import DEFAULT_RETRIES, DEFAULT_TIMEOUT, SessionRequest, parse_request
-from tasks.session import (
+from smtp_session.tasks.contract import attempt_time_limit
+from smtp_session.tasks.discovery import MAX_DISCOVERED, discover
+from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
+from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.request import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    SessionRequest,
+    parse_request,
+)
+from smtp_session.tasks.session import (
     DEFAULT_RETRY_POLICY,
     MAX_BACKOFF,
     RetryPolicy,
     open_session,
     utc_now,
 )
-from tasks.trust_memory import TrustMemory
+from smtp_session.tasks.trust_memory import TrustMemory
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from aiosmtplib import SMTP, SMTPException
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
-from tasks.outcome import CertInfo
-from tasks.resolve import connect_first, literal_address
+from smtp_session.tasks.outcome import CertInfo
+from smtp_session.tasks.resolve import connect_first, literal_address
 
 TrustMode = Literal["native", "portable"]
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2

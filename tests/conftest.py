@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tasks.trust import forget_contexts
+from smtp_session.tasks.trust import forget_contexts
 from tests.prometheus import PrometheusFactory
 from tests.servers import (
     EXPIRED_NOT_AFTER,

@@ -1,4 +1,4 @@
-"""The Celery app, built from settings: `celery -A worker.app worker` finds `app` here.
+"""The Celery app, built from settings: `celery -A smtp_session.worker.app worker` finds `app` here.
 
 One worker process runs many sessions at once: Celery's `threads` pool, whose threads
 hand their sessions to one event loop per process (tasks.background_loop). Measured in
@@ -13,14 +13,14 @@ from typing import Any
 
 from celery import Celery
 
-from tasks.background_loop import HARD_LIMIT_GRACE
-from tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE
-from tasks.contract import CHECK_TARGET_TASK, attempt_time_limit
-from tasks.session import MAX_BACKOFF
-from tasks.sweep import SweepItem, time_limit, with_defaults
-from worker import embedded_beat, signals
-from worker.settings import Settings, load_settings
-from worker.targets import Target, load_targets
+from smtp_session.tasks.background_loop import HARD_LIMIT_GRACE
+from smtp_session.tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE
+from smtp_session.tasks.contract import CHECK_TARGET_TASK, attempt_time_limit
+from smtp_session.tasks.session import MAX_BACKOFF
+from smtp_session.tasks.sweep import SweepItem, time_limit, with_defaults
+from smtp_session.worker import embedded_beat, signals
+from smtp_session.worker.settings import Settings, load_settings
+from smtp_session.worker.targets import Target, load_targets
 
 RESULT_EXPIRES = 24 * 3600
 VISIBILITY_MARGIN = 10.0
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     items = [target.sweep_item() for target in targets]
     if not settings.result_backend:
         (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
-    celery = Celery("smtp_session", include=["tasks.celery_tasks"])
+    celery = Celery("smtp_session", include=["smtp_session.tasks.celery_tasks"])
     celery.conf.update(
         broker_url=settings.effective_broker_url,
         result_backend=settings.effective_result_backend,

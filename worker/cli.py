@@ -21,18 +21,23 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from monitoring.logging import configure_logging
-from tasks.contract import attempt_time_limit
-from tasks.errors import ErrorCategory, InvalidRequest
-from tasks.outcome import Outcome, json_schema
-from tasks.request import parse_request
-from tasks.session import MAX_BACKOFF, open_session, rejected
-from tasks.sweep import SweepSummary, with_defaults
-from tasks.sweep import sweep as run_sweep
-from tasks.trust_memory import TrustMemory
-from worker.embedded_beat import OPTION as BEAT_OPTION
-from worker.settings import MAX_WORKER_CONCURRENCY, InvalidSettings, Settings, load_settings
-from worker.targets import InvalidTargets, load_targets
+from smtp_session.monitoring.logging import configure_logging
+from smtp_session.tasks.contract import attempt_time_limit
+from smtp_session.tasks.errors import ErrorCategory, InvalidRequest
+from smtp_session.tasks.outcome import Outcome, json_schema
+from smtp_session.tasks.request import parse_request
+from smtp_session.tasks.session import MAX_BACKOFF, open_session, rejected
+from smtp_session.tasks.sweep import SweepSummary, with_defaults
+from smtp_session.tasks.sweep import sweep as run_sweep
+from smtp_session.tasks.trust_memory import TrustMemory
+from smtp_session.worker.embedded_beat import OPTION as BEAT_OPTION
+from smtp_session.worker.settings import (
+    MAX_WORKER_CONCURRENCY,
+    InvalidSettings,
+    Settings,
+    load_settings,
+)
+from smtp_session.worker.targets import InvalidTargets, load_targets
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -201,11 +206,11 @@ def enqueue(
     from kombu.exceptions import OperationalError
 
     try:
-        from worker.app import app
+        from smtp_session.worker.app import app
     except (InvalidTargets, OSError) as exc:
         click.echo(f"smtp-session: {exc}", err=True)
         sys.exit(EXIT_INVALID)
-    from worker.client import result, submit
+    from smtp_session.worker.client import result, submit
 
     try:
         task_id = submit(app, **fields)
@@ -247,13 +252,13 @@ def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
         except InvalidTargets as exc:
             click.echo(f"smtp-session: {exc}", err=True)
             sys.exit(EXIT_INVALID)
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker"]
+    argv = [sys.executable, "-m", "celery", "-A", "smtp_session.worker.app", "worker"]
     argv += [f"--loglevel={loglevel}", "--pool=threads"]
     argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
     if beat:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv += [BEAT_OPTION, f"--schedule={settings.data_dir / 'beat-schedule'}"]
-    # A fresh interpreter, exactly as `celery -A worker.app worker` runs.
+    # A fresh interpreter, exactly as `celery -A smtp_session.worker.app worker` runs.
     os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, argv built above
 
 

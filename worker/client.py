@@ -15,9 +15,9 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from tasks.contract import OPEN_TASK
-from tasks.outcome import Outcome
-from tasks.request import parse_request
+from smtp_session.tasks.contract import OPEN_TASK
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.request import parse_request
 
 
 def submit(app: Celery, **fields: Any) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from tasks.errors import SessionWorkerError
+from smtp_session.tasks.errors import SessionWorkerError
 
 LOCK_NAME = "worker.lock"
 

@@ -9,9 +9,9 @@ import platformdirs
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.contract import DEFAULT_CONCURRENCY
-from tasks.errors import SessionWorkerError
-from tasks.request import (
+from smtp_session.tasks.contract import DEFAULT_CONCURRENCY
+from smtp_session.tasks.errors import SessionWorkerError
+from smtp_session.tasks.request import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     MAX_RETRIES,

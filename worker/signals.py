@@ -1,7 +1,7 @@
 """Celery signal wiring: JSON logging, per-task log context, and the metrics exporter.
 
-Imported by worker.app, so it is active under `smtp-session worker` and under
-`celery -A worker.app worker` alike.
+Imported by smtp_session.worker.app, so it is active under `smtp-session worker` and under
+`celery -A smtp_session.worker.app worker` alike.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import structlog
 from celery import signals
 from celery.apps import worker as celery_worker
 
-from monitoring.exporter import start_exporter
-from monitoring.logging import configure_logging
-from tasks.celery_tasks import process_metrics
-from worker.data_dir import DataDirInUse, claim
-from worker.settings import Settings
+from smtp_session.monitoring.exporter import start_exporter
+from smtp_session.monitoring.logging import configure_logging
+from smtp_session.tasks.celery_tasks import process_metrics
+from smtp_session.worker.data_dir import DataDirInUse, claim
+from smtp_session.worker.settings import Settings
 
 log = structlog.get_logger("smtp_session.worker")
 EXIT_CONFIG = 2  # as the CLI's exit code for unusable settings

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import InvalidRequest, SessionWorkerError
-from tasks.request import NAME_PATTERN, SessionRequest, parse_request
-from tasks.sweep import DomainCheck, SweepItem
+from smtp_session.tasks.errors import InvalidRequest, SessionWorkerError
+from smtp_session.tasks.request import NAME_PATTERN, SessionRequest, parse_request
+from smtp_session.tasks.sweep import DomainCheck, SweepItem
 
 DEFAULT_INTERVAL = 60.0
 MIN_INTERVAL = 1.0

@@ -2,7 +2,7 @@
 
 Redis listens only on a unix socket in a pytest temporary directory (``--port 0``
 turns TCP off), keeps nothing on disk, and is stopped when the test ends. The worker
-is ``smtp-session worker`` (or ``celery -A worker.app worker``) as a subprocess in its
+is ``smtp-session worker`` (or ``celery -A smtp_session.worker.app worker``) as a subprocess in its
 own session, configured through the environment alone, exactly as it is deployed; the
 whole process group is killed at teardown. Its output is kept: a reader thread copies
 every line to ``worker.log`` and wakes whoever waits for a line, and teardown prints the
@@ -28,6 +28,7 @@ import redis
 from celery import Celery
 
 BIN = Path(sys.executable).parent
+APP = "smtp_session.worker.app"  # what `celery -A` names
 REDIS_SERVER = "redis-server"  # from PATH (Debian: /usr/bin)
 REDIS_CLI = "redis-cli"
 ENV_PREFIX = "SMTP_SESSION_"
@@ -322,7 +323,8 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     ``concurrency``: sessions at once (``None``: the worker's default, 100).
 
     ``env`` is the whole environment (see :func:`worker_env`). With ``celery_cli`` the
-    worker is started as ``celery -A worker.app worker`` instead of ``smtp-session worker``;
+    worker is started as ``celery -A smtp_session.worker.app worker`` instead of
+    ``smtp-session worker``;
     with ``beat`` it embeds the beat scheduler (``smtp-session worker --beat``).
     Every worker started is killed at teardown, and the tail of its output printed.
     """
@@ -336,7 +338,13 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         beat: bool = False,
     ) -> WorkerProcess:
         if celery_cli:
-            argv = [str(BIN / "celery"), "-A", "worker.app", "worker", "--loglevel=INFO"]
+            argv = [
+                str(BIN / "celery"),
+                "-A",
+                "smtp_session.worker.app",
+                "worker",
+                "--loglevel=INFO",
+            ]
         else:
             argv = [str(BIN / "smtp-session"), "worker", *(["--beat"] if beat else [])]
         if concurrency is not None:  # None: the worker's default
@@ -383,8 +391,8 @@ def running_task(client: Celery, task_id: str, *, timeout: float) -> dict[str, A
 def celery_client(redis_server: RedisServer) -> Iterator[Celery]:
     """A Celery app as a web backend would configure it: broker and backend URL, nothing else.
 
-    Deliberately not ``worker.app``: docs/tasks.md promises that a caller needs only Celery,
-    the URL and the task name.
+    Deliberately not ``smtp_session.worker.app``: docs/tasks.md promises that a caller
+    needs only Celery, the URL and the task name.
     """
     client = Celery("web-backend", broker=redis_server.url, backend=redis_server.url)
     yield client

@@ -41,13 +41,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tasks.secrets import ENV_PREFIX as SECRET_PREFIX
-from tasks.secrets import SECRETS_DIR_VARIABLE
+from smtp_session.tasks.secrets import ENV_PREFIX as SECRET_PREFIX
+from smtp_session.tasks.secrets import SECRETS_DIR_VARIABLE
+from smtp_session.worker.cli import EXIT_INVALID
+from smtp_session.worker.settings import DEFAULT_METRICS_PORT, ENV_PREFIX, Settings, load_settings
+from smtp_session.worker.targets import load_targets, parse_targets
 from tests.integration.conftest import RedisServer, WorkerProcess
 from tests.prometheus import JOB, PROMTOOL_BINARY
-from worker.cli import EXIT_INVALID
-from worker.settings import DEFAULT_METRICS_PORT, ENV_PREFIX, Settings, load_settings
-from worker.targets import load_targets, parse_targets
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -81,7 +81,7 @@ RUNTIME_VARIABLES = frozenset({"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFE
 #: systemd-analyze security's exposure scale: 0 (locked down) to 10 (unprotected); the
 #: units score 1.3 ("OK") with systemd 252. Its --threshold is given in tenths.
 MAX_EXPOSURE = 2.0
-#: Bound on one command's --help (an import of worker.app included).
+#: Bound on one command's --help (an import of smtp_session.worker.app included).
 HELP_TIMEOUT = 60.0
 #: Bound on a worker's or beat's start (imports, broker connection, pool start).
 START_TIMEOUT = 60.0
@@ -220,9 +220,14 @@ def test_dockerfile_copies_only_what_its_ignore_file_lets_in(image: Image) -> No
     assert copied == allowed
     for source in copied:
         assert (REPO / source).exists(), source
-    # Everything the distribution packages is copied.
+    # Everything the distribution packages is copied: smtp_session/ and the folders its
+    # links point at.
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    assert set(pyproject["tool"]["setuptools"]["packages"]) <= copied
+    packaged = {
+        REPO / name.replace(".", "/") for name in pyproject["tool"]["setuptools"]["packages"]
+    }
+    folders = {path.resolve().relative_to(REPO).as_posix() for path in packaged}
+    assert folders | {"smtp_session"} <= copied, folders
 
 
 def test_dockerfile_serves_metrics_and_creates_its_data_dir(image: Image) -> None:
@@ -878,8 +883,11 @@ def test_every_command_line_in_deploy_exists_in_our_cli(tmp_path: Path) -> None:
         if PurePosixPath(argv[0]).name == "celery":
             global_options, command, rest = _celery_split(argv)
             # The app is always ours; celery's own options are checked against its help.
-            assert global_options[-2:] == ["-A", "worker.app"], invocation
-            checks = [((argv[0],), global_options), ((argv[0], "-A", "worker.app", *command), rest)]
+            assert global_options[-2:] == ["-A", "smtp_session.worker.app"], invocation
+            checks = [
+                ((argv[0],), global_options),
+                ((argv[0], "-A", "smtp_session.worker.app", *command), rest),
+            ]
         else:
             checks = [(tuple(argv[:2]), argv[2:])]
         for command_line, options in checks:

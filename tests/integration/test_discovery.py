@@ -21,10 +21,10 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from tasks.discovery import MAX_DISCOVERED, MX_PORT, DiscoveredHost, discover
-from tasks.errors import ErrorCategory, SessionFailure, Stage
-from tasks.outcome import Outcome
-from tasks.sweep import DomainCheck, sweep
+from smtp_session.tasks.discovery import MAX_DISCOVERED, MX_PORT, DiscoveredHost, discover
+from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.sweep import DomainCheck, sweep
 from tests.servers import LOOPBACK, SmtpServerFactory
 
 DOMAIN = "example.test"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tasks.contract import CHECK_TARGET_TASK, SWEEP_TASK
-from tasks.errors import InvalidRequest
+from smtp_session.tasks.contract import CHECK_TARGET_TASK, SWEEP_TASK
+from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.worker.client import result, submit
 from tests.integration.conftest import (
     START_TIMEOUT,
     RedisServer,
@@ -20,7 +21,6 @@ from tests.integration.conftest import (
     worker_env,
 )
 from tests.servers import SmtpServerFactory
-from worker.client import result, submit
 
 RESULT_TIMEOUT = 30.0
 EHLO_NAME = "client.example"

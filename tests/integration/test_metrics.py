@@ -7,9 +7,9 @@ import calendar
 import trustme
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import SessionMetrics
-from tasks.outcome import Outcome
-from tasks.session import RetryPolicy, open_session
+from smtp_session.monitoring.metrics import SessionMetrics
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.session import RetryPolicy, open_session
 from tests.servers import LOOPBACK, RawServerFactory, SmtpServerFactory, leaf_certificate
 
 FAST_RETRY = RetryPolicy(base=0.01, cap=0.02)

@@ -36,10 +36,11 @@ from celery.result import AsyncResult
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tasks.errors import Stage
-from tasks.observe import LOG, report
-from tasks.outcome import Outcome
-from tasks.session import open_session
+from smtp_session.tasks.errors import Stage
+from smtp_session.tasks.observe import LOG, report
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.session import open_session
+from smtp_session.worker import signals as worker_signals
 from tests.integration.conftest import (
     START_TIMEOUT,
     STOP_TIMEOUT,
@@ -65,7 +66,6 @@ from tests.servers import (
     SmtpServerFactory,
     leaf_certificate,
 )
-from worker import signals as worker_signals
 
 OPEN_TASK = "smtp_session.open"  # the public task names, spelled as a web backend would
 CHECK_TARGET_TASK = "smtp_session.check_target"

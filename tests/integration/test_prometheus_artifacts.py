@@ -21,9 +21,9 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from deploy.grafana import dashboard as dashboard_code
-from monitoring.metrics import SessionMetrics
-from tasks.errors import ErrorCategory, Stage
-from tasks.outcome import CertInfo, Outcome, Timings, TlsInfo
+from smtp_session.monitoring.metrics import SessionMetrics
+from smtp_session.tasks.errors import ErrorCategory, Stage
+from smtp_session.tasks.outcome import CertInfo, Outcome, Timings, TlsInfo
 from tests.prometheus import (
     CONFIG,
     DASHBOARD_JSON,

@@ -24,9 +24,9 @@ import pytest
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
-from tasks.errors import InvalidRequest
-from tasks.secrets import SECRETS_DIR_VARIABLE, env_variable
-from tasks.session import open_session, prepare
+from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.tasks.secrets import SECRETS_DIR_VARIABLE, env_variable
+from smtp_session.tasks.session import open_session, prepare
 from tests.cli import cli_env, log_events, run_cli
 from tests.integration.test_cli_check import EHLO
 from tests.servers import SmtpMode, SmtpServer, SmtpServerFactory

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import trustme
 
-from tasks.outcome import Outcome
-from tasks.session import RetryPolicy, open_session
-from tasks.trust_memory import TrustMemory
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.session import RetryPolicy, open_session
+from smtp_session.tasks.trust_memory import TrustMemory
 from tests.servers import (
     AUTH_FAILED_REPLY,
     HELD_SESSION_SECONDS,

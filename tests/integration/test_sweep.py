@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from tasks.errors import ErrorCategory
-from tasks.outcome import Outcome
-from tasks.request import SessionRequest
-from tasks.session import RetryPolicy
-from tasks.sweep import sweep
+from smtp_session.tasks.errors import ErrorCategory
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.request import SessionRequest
+from smtp_session.tasks.session import RetryPolicy
+from smtp_session.tasks.sweep import sweep
 from tests.servers import LOOPBACK, RawServerFactory
 
 #: Fleet size of the big sweep: 185 slow but healthy, 10 refused, 5 silent.

@@ -14,11 +14,11 @@ import pytest
 import structlog
 from celery import Celery
 
-from tasks import celery_tasks  # registers the tasks on every app
-from tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
-from tasks.request import parse_request
+from smtp_session.tasks import celery_tasks  # registers the tasks on every app
+from smtp_session.tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
+from smtp_session.tasks.request import parse_request
+from smtp_session.worker.settings import Settings
 from tests.servers import LOOPBACK, RawServerFactory, SmtpServerFactory
-from worker.settings import Settings
 
 EHLO_NAME = "client.example"
 MAX_TIMEOUT = 60

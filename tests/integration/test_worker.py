@@ -24,7 +24,9 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult
 
-from tasks.outcome import Outcome
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.worker.app import RESTORE_INTERVAL, redelivery_timeout
+from smtp_session.worker.settings import Settings
 from tests.cli import run_cli
 from tests.integration.conftest import (
     START_TIMEOUT,
@@ -37,8 +39,6 @@ from tests.integration.conftest import (
     worker_env,
 )
 from tests.servers import HELD_SESSION_SECONDS, RawServerFactory, SmtpServerFactory
-from worker.app import RESTORE_INTERVAL, redelivery_timeout
-from worker.settings import Settings
 
 OPEN_TASK = "smtp_session.open"  # the public task name, spelled as a web backend would
 BROKER_URL = "SMTP_SESSION_BROKER_URL"
@@ -323,7 +323,7 @@ async def test_redis_restart_worker_reconnects_and_the_next_task_succeeds(
     smtp_server_factory: SmtpServerFactory,
     tmp_path: Path,
 ) -> None:
-    # Started the other documented way, `celery -A worker.app worker`.
+    # Started the other documented way, `celery -A smtp_session.worker.app worker`.
     worker = start_worker(
         env=worker_env(tmp_path / "data", {BROKER_URL: redis_server.url}), celery_cli=True
     )

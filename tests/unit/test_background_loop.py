@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tasks.background_loop import BackgroundLoop, TaskTimeLimitExceeded
+from smtp_session.tasks.background_loop import BackgroundLoop, TaskTimeLimitExceeded
 
 #: A limit far above what the quick coroutines below need, far below a hang.
 GENEROUS = 5.0

@@ -16,8 +16,8 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from tasks.classify import classify, quote_reply
-from tasks.errors import ErrorCategory, SessionFailure, Stage
+from smtp_session.tasks.classify import classify, quote_reply
+from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
 
 
 def _cert_error(code: int, message: str) -> ssl.SSLCertVerificationError:

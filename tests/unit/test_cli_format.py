@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 import pytest
 
-from tasks.errors import ErrorCategory, Stage
-from tasks.outcome import CertInfo, Outcome, Timings, TlsInfo
-from worker.cli import split_host_port, summary
+from smtp_session.tasks.errors import ErrorCategory, Stage
+from smtp_session.tasks.outcome import CertInfo, Outcome, Timings, TlsInfo
+from smtp_session.worker.cli import split_host_port, summary
 
 STARTED_AT = "2026-11-26T10:00:00Z"
 CERT = CertInfo(

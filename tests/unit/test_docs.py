@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import SessionMetrics
-from tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
-from tasks.errors import ErrorCategory
-from tasks.outcome import json_schema
-from tasks.request import SessionRequest
-from worker.cli import main
-from worker.settings import ENV_PREFIX, Settings
+from smtp_session.monitoring.metrics import SessionMetrics
+from smtp_session.tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
+from smtp_session.tasks.errors import ErrorCategory
+from smtp_session.tasks.outcome import json_schema
+from smtp_session.tasks.request import SessionRequest
+from smtp_session.worker.cli import main
+from smtp_session.worker.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"

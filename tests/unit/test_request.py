@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.errors import InvalidRequest
-from tasks.request import parse_request
+from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.tasks.request import parse_request
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import InvalidRequest
-from tasks.secrets import Credentials, env_variable, redact, resolve_credentials
+from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.tasks.secrets import Credentials, env_variable, redact, resolve_credentials
 
 SECRET = "s3cr3t-Pa55"
 

@@ -10,9 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks.request import SessionRequest
-from tasks.sweep import DomainCheck
-from worker.targets import DEFAULT_INTERVAL, InvalidTargets, Target, load_targets, parse_targets
+from smtp_session.tasks.request import SessionRequest
+from smtp_session.tasks.sweep import DomainCheck
+from smtp_session.worker.targets import (
+    DEFAULT_INTERVAL,
+    InvalidTargets,
+    Target,
+    load_targets,
+    parse_targets,
+)
 
 VALID = """
 [defaults]

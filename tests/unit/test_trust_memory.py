@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.trust_memory import TrustMemory
+from smtp_session.tasks.trust_memory import TrustMemory
 
 
 def test_remembers_portable_and_forgets_on_native() -> None:
