@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from celery import signals
 from celery.apps import worker as celery_worker
+from celery.worker import state as worker_state
 
 from smtp_session.monitoring.exporter import start_exporter
 from smtp_session.monitoring.logging import configure_logging
@@ -38,22 +39,29 @@ def _current() -> Settings:
     return _installed["settings"]
 
 
-def _say_as_log(message: str, file: Any = None) -> None:
+def _say(message: str, file: Any = None) -> None:
     # Celery writes its shutdown notices ("worker: Warm shutdown (MainProcess)") straight to
-    # the terminal from its signal handlers; in JSON mode they become JSON lines too. Still
-    # one os.write and no logging call: a signal handler must not wait for the logging
-    # lock that the code it interrupted may hold.
-    event = {
-        "event": "celery.notice",
-        "message": str(message).strip(),
-        "logger": "celery.apps.worker",
-        "level": "warning",
-        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-    }
+    # the terminal from its signal handlers: here they say what the worker waits for, and
+    # in JSON mode they are JSON lines too. One os.write and no logging call: a signal
+    # handler must not wait for the logging lock that the code it interrupted may hold.
+    text = str(message).strip()
+    if "Warm shutdown" in text:
+        in_flight = len(worker_state.active_requests)
+        text += f": finishing {in_flight} sessions in flight (a second Ctrl+C stops at once)"
+    line = text
+    if _current().log_format == "json":
+        event = {
+            "event": "celery.notice",
+            "message": text,
+            "logger": "celery.apps.worker",
+            "level": "warning",
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        line = json.dumps(event, separators=(",", ":"))
     stream = sys.__stderr__  # logs go to stderr, like every other line of ours
     if stream is not None:
         with contextlib.suppress(OSError, ValueError):
-            os.write(stream.fileno(), (json.dumps(event, separators=(",", ":")) + "\n").encode())
+            os.write(stream.fileno(), (line + "\n").encode())
 
 
 def _banner_as_log(self: celery_worker.Worker) -> None:
@@ -72,8 +80,8 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
         level=level if isinstance(level, int) else logging.INFO,
         stream=sys.stderr,
     )
+    celery_worker.safe_say = _say
     if settings.log_format == "json":
-        celery_worker.safe_say = _say_as_log
         celery_worker.Worker.emit_banner = _banner_as_log
 
 
