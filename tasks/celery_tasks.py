@@ -24,16 +24,23 @@ from smtp_session.tasks.contract import (
     SWEEP_TASK,
     attempt_time_limit,
 )
+from smtp_session.tasks.egress import DEFAULT_MAX_PER_DESTINATION, DestinationLimit, EgressPolicy
 from smtp_session.tasks.errors import InvalidRequest
 from smtp_session.tasks.observe import LOG, SessionObserver, report
 from smtp_session.tasks.outcome import Outcome
-from smtp_session.tasks.request import MAX_TIMEOUT, SessionRequest
+from smtp_session.tasks.request import (
+    MAX_TIMEOUT,
+    SessionRequest,
+    check_queue_request,
+    parse_request,
+)
 from smtp_session.tasks.session import (
     DEFAULT_RETRY_POLICY,
-    overran,
+    Guards,
     prepare,
     rejected,
     run_attempt,
+    stopped,
 )
 from smtp_session.tasks.sweep import (
     DomainCheck,
@@ -83,6 +90,22 @@ def _extra_ca_file(app: Celery) -> str | None:
     return settings.extra_ca_file if settings is not None else None
 
 
+_destination_limit: list[DestinationLimit] = []
+
+
+def _guards(app: Celery, *, from_queue: bool) -> Guards:
+    """The process's bound per destination; and, for a request from the queue (a tenant's
+    input), the egress policy. Configured targets are the operator's: not restricted."""
+    settings = _settings(app)
+    if not _destination_limit:
+        per_destination = settings.max_per_destination if settings is not None else None
+        _destination_limit.append(DestinationLimit(per_destination or DEFAULT_MAX_PER_DESTINATION))
+    egress = (
+        (settings.egress_policy if settings is not None else EgressPolicy()) if from_queue else None
+    )
+    return Guards(egress=egress, limit=_destination_limit[0])
+
+
 def _sweep_concurrency(app: Celery) -> int:
     settings = _settings(app)
     return int(settings.sweep_concurrency) if settings is not None else DEFAULT_CONCURRENCY
@@ -114,7 +137,7 @@ def _observers(app: Celery) -> Sequence[SessionObserver]:
 
 
 def run_session_task(
-    task: Task, fields: dict[str, Any], positional: tuple[Any, ...] = ()
+    task: Task, fields: dict[str, Any], positional: tuple[Any, ...] = (), *, from_queue: bool
 ) -> dict[str, Any]:
     """One attempt per task run; a retryable failure with attempts left is re-scheduled.
 
@@ -132,6 +155,8 @@ def run_session_task(
             raise InvalidRequest(
                 "request", f"fields go in kwargs, not in positional args (got {len(positional)})"
             )
+        if from_queue:  # checked before prepare() reads any file the request names
+            check_queue_request(parse_request({**_request_defaults(task), **fields}))
         request, credentials = prepare({**_request_defaults(task), **fields})
         _check_timeout(request, _max_timeout(task.app))
     except InvalidRequest as exc:
@@ -147,11 +172,12 @@ def run_session_task(
                     started=started,
                     trust_memory=_trust_memory,
                     extra_ca_file=_extra_ca_file(task.app),
+                    guards=_guards(task.app, from_queue=from_queue),
                 ),
                 time_limit=limit,
             )
         except TaskTimeLimitExceeded as exc:
-            outcome = overran(request, exc, attempt=attempt, started=started)
+            outcome = stopped(request, exc, attempt=attempt, started=started)
         report(outcome, final=False, observers=observers)
         if not outcome.ok and outcome.retryable and attempt <= request.retries:
             raise task.retry(
@@ -199,6 +225,7 @@ def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
             observers=_observers(task.app),
             trust_memory=_trust_memory,
             extra_ca_file=_extra_ca_file(task.app),
+            guards=_guards(task.app, from_queue=False),
         ),
         time_limit=limit,
     )
@@ -207,7 +234,7 @@ def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
 @_task(name=OPEN_TASK)  # type: ignore[untyped-decorator]  # celery is untyped
 def open_session_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
     """Open one session with the request fields as kwargs; returns the Outcome dict."""
-    return run_session_task(self, fields, args)
+    return run_session_task(self, fields, args, from_queue=True)
 
 
 @_task(name=CHECK_TARGET_TASK)  # type: ignore[untyped-decorator]  # celery is untyped
@@ -221,7 +248,7 @@ def check_target_task(self: Task, name: str) -> dict[str, Any]:
         return _unknown_target(name).to_dict()
     if isinstance(item, DomainCheck):
         return _run_sweep(self, [item]).to_dict()
-    return run_session_task(self, _fields(item))
+    return run_session_task(self, _fields(item), from_queue=False)
 
 
 def _fields(request: SessionRequest) -> dict[str, Any]:

@@ -9,6 +9,7 @@ class ErrorCategory(StrEnum):
     """Why a session failed: the `error` field of an Outcome and the `error` metric label."""
 
     INVALID_REQUEST = "invalid_request"
+    BLOCKED = "blocked"  # a queue request the egress policy refuses; nothing was sent
     DNS = "dns"
     REFUSED = "refused"
     TIMEOUT = "timeout"

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import idna
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from smtp_session.tasks.errors import InvalidRequest
@@ -25,6 +26,7 @@ SUBMISSION_PORT = 587
 MAX_HOST_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MAX_CA_PEM = 65_536  # characters: a few CA certificates, not a bundle of hundreds
 NATIVE_IGNORES_CA_FILE = (
     "is not used with trust native (the system's store only): use trust auto or portable"
 )
@@ -68,6 +70,7 @@ class SessionRequest(BaseModel):
     security: Security = "auto"
     trust: Trust = "auto"
     ca_file: str | None = None
+    ca_pem: str | None = Field(default=None, max_length=MAX_CA_PEM)
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)
     connect_timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)
     command_timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)
@@ -97,6 +100,13 @@ class SessionRequest(BaseModel):
             raise ValueError(f"{host!r} is not a valid host name")
         return host
 
+    @field_validator("ca_pem")
+    @classmethod
+    def _check_ca_pem(cls, pem: str | None) -> str | None:
+        if pem is not None:
+            check_ca_pem(pem)
+        return pem
+
     @field_validator("credentials", "target")
     @classmethod
     def _check_name(cls, name: str | None) -> str | None:
@@ -119,9 +129,15 @@ class SessionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _ca_file_needs_portable_trust(self) -> SessionRequest:
-        if self.ca_file is not None and self.trust == "native":
-            raise ValueError(f"ca_file {NATIVE_IGNORES_CA_FILE}")
+        for name in ("ca_file", "ca_pem"):
+            if getattr(self, name) is not None and self.trust == "native":
+                raise ValueError(f"{name} {NATIVE_IGNORES_CA_FILE}")
         return self
+
+    @property
+    def names_a_ca(self) -> bool:
+        """The request brings its server's CA (ca_file or ca_pem)."""
+        return self.ca_file is not None or self.ca_pem is not None
 
     @property
     def connect_host(self) -> str:
@@ -152,6 +168,28 @@ class SessionRequest(BaseModel):
         return min(self.command_timeout or self.timeout, self.timeout)
 
 
+def check_ca_pem(pem: str) -> None:
+    """PEM text of CA certificates, and nothing else; raises ValueError saying what is wrong."""
+    if "PRIVATE KEY" in pem:
+        raise ValueError("must hold CA certificates only, not a private key")
+    try:
+        certificates = x509.load_pem_x509_certificates(pem.encode("utf-8", "replace"))
+    except ValueError:
+        raise ValueError("holds no PEM certificate (-----BEGIN CERTIFICATE----- …)") from None
+    if not certificates:
+        raise ValueError("holds no PEM certificate (-----BEGIN CERTIFICATE----- …)")
+
+
+def check_queue_request(request: SessionRequest) -> None:
+    """What a request from the queue may not ask: raises InvalidRequest naming the field."""
+    if request.ca_file is not None:
+        raise InvalidRequest(
+            "ca_file",
+            "is not accepted from the queue (it names a file on the worker): "
+            "send the CA certificate itself as ca_pem",
+        )
+
+
 def _describe(error: Mapping[str, Any]) -> InvalidRequest:
     field = ".".join(str(part) for part in error["loc"]) or "request"
     kind = error["type"]
@@ -160,7 +198,7 @@ def _describe(error: Mapping[str, Any]) -> InvalidRequest:
     if kind == "missing":
         return InvalidRequest(field, "is required")
     message = str(error["msg"]).removeprefix("Value error, ")
-    if not error["loc"] and message.startswith(("credentials", "ca_file")):
+    if not error["loc"] and message.startswith(("credentials", "ca_file", "ca_pem")):
         field, _, problem = message.partition(" ")
         return InvalidRequest(field, problem)
     return InvalidRequest(field, message[:1].lower() + message[1:])

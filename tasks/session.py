@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import ssl
 import time
@@ -26,6 +27,7 @@ from smtp_session.tasks.classify import (
     classify,
     quote_reply,
 )
+from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
@@ -35,7 +37,7 @@ from smtp_session.tasks.request import (
     SessionRequest,
     parse_request,
 )
-from smtp_session.tasks.resolve import connect_first, local_hostname, resolve
+from smtp_session.tasks.resolve import AddressInfo, connect_first, local_hostname, resolve
 from smtp_session.tasks.secrets import Credentials, redact, resolve_credentials
 from smtp_session.tasks.trust import (
     TrustMode,
@@ -73,6 +75,21 @@ class RetryPolicy:
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
 
+@dataclass(frozen=True)
+class Guards:
+    """Where a request may connect, and how many sessions at once to one address.
+
+    `egress`: the policy for requests from the queue (None: an operator's request, not
+    restricted). `limit`: the process's bound per destination address (None: unbounded).
+    """
+
+    egress: EgressPolicy | None = None
+    limit: DestinationLimit | None = None
+
+
+UNGUARDED = Guards()
+
+
 def utc_iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -91,9 +108,14 @@ class _Connection:
         trust: TrustMode | None,
         ehlo_name: str,
         extra_ca_file: str | None = None,
+        guards: Guards = UNGUARDED,
+        addresses: list[AddressInfo] | None = None,
     ) -> None:
         self.request = request
         self.extra_ca_file = extra_ca_file
+        self.guards = guards
+        # Resolved once per attempt: the fallback connection reuses what was checked.
+        self.addresses = addresses
         self.credentials = credentials
         self.trust = trust
         self.ehlo_name = ehlo_name
@@ -183,11 +205,25 @@ class _Connection:
         context = (
             None
             if self.trust is None
-            else verifying_context(self.trust, self.extra_ca_file, request.ca_file)
+            else verifying_context(
+                self.trust, self.extra_ca_file, request.ca_file, ca_pem=request.ca_pem
+            )
         )
         self._enter(Stage.RESOLVE)
-        addresses = await resolve(request.connect_host, request.effective_port)
+        if self.addresses is None:
+            self.addresses = await resolve(request.connect_host, request.effective_port)
+        addresses = self.addresses
+        egress, limit = self.guards.egress, self.guards.limit
+        if egress is not None:
+            egress.check_addresses(request.connect_host, [info[4][0] for info in addresses])
         self._enter(Stage.CONNECT)
+        destination = str(addresses[0][4][0]) if addresses else request.connect_host
+        async with limit.slot(destination) if limit else contextlib.nullcontext():
+            await self._converse(addresses, context)
+
+    async def _converse(self, addresses: list[AddressInfo], context: ssl.SSLContext | None) -> None:
+        """From the TCP connection to QUIT."""
+        request = self.request
         connect_deadline = self._loop.time() + request.effective_connect_timeout
         tried: list[str] = []
         try:
@@ -343,9 +379,9 @@ def _explain(
 
 
 def _preferred_mode(request: SessionRequest) -> TrustMode:
-    """The first mode of trust=auto: portable when the request names a CA (ca_file), so the
+    """The first mode of trust=auto: portable when the request names a CA (ca_file, ca_pem), so the
     CA the operator named is trusted at once; the system's store otherwise."""
-    return "portable" if request.ca_file is not None else "native"
+    return "portable" if request.names_a_ca else "native"
 
 
 def _trust_modes(request: SessionRequest, *, needs_portable: bool) -> list[TrustMode | None]:
@@ -368,6 +404,7 @@ async def run_attempt(
     started: float | None = None,
     trust_memory: TrustMemory | None = None,
     extra_ca_file: str | None = None,
+    guards: Guards = UNGUARDED,
 ) -> Outcome:
     """One attempt: a connection, plus the portable retry when native trust refused the chain.
 
@@ -375,17 +412,28 @@ async def run_attempt(
     `started` (Unix time the request began) makes `timings.total` and `started_at` cover
     the earlier attempts and their backoff too. `extra_ca_file`: the operator's CAs added
     to the portable store for every request (SMTP_SESSION_CA_FILE); a request's own
-    `ca_file` is this server's CA, trusted from the first handshake.
+    `ca_file` is this server's CA, trusted from the first handshake. `guards`: where it may
+    connect (a blocked port or address is an outcome, `blocked`, before any connection).
     """
     started = time.time() if started is None else started
+    if guards.egress is not None:
+        try:
+            guards.egress.check_port(request.effective_port)
+        except SessionFailure as exc:
+            return stopped(request, exc, attempt=attempt, started=started)
     ehlo_name = request.ehlo_name or await local_hostname()
     security = request.effective_security
-    memory_key = (request.connect_host, request.effective_port, request.ca_file)
+    pem_digest = hashlib.sha256(request.ca_pem.encode()).hexdigest() if request.ca_pem else None
+    memory_key = (request.connect_host, request.effective_port, request.ca_file, pem_digest)
     remembered = trust_memory is not None and trust_memory.needs_portable(memory_key)
     modes = _trust_modes(request, needs_portable=remembered)
+    addresses: list[AddressInfo] | None = None
     for index, mode in enumerate(modes):
-        connection = _Connection(request, credentials, mode, ehlo_name, extra_ca_file)
+        connection = _Connection(
+            request, credentials, mode, ehlo_name, extra_ca_file, guards, addresses
+        )
         failure = await connection.run()
+        addresses = connection.addresses
         last = index == len(modes) - 1
         if failure is None or failure.category is not ErrorCategory.TLS_UNTRUSTED or last:
             break
@@ -470,19 +518,30 @@ def rejected(error: InvalidRequest, fields: object, *, started_at: str | None = 
     )
 
 
-def overran(
-    request: SessionRequest, error: TimeoutError, *, attempt: int, started: float
+def stopped(
+    request: SessionRequest,
+    reason: SessionFailure | TimeoutError,
+    *,
+    attempt: int,
+    started: float,
 ) -> Outcome:
-    """The Outcome of an attempt stopped by its task's time limit: a bug, logged as one.
+    """The Outcome of an attempt stopped before or outside its session.
 
-    Every stage has its own deadline inside the attempt's, so only a bug gets this far.
+    A SessionFailure (the egress policy refused it) stops it before anything is sent; a
+    TimeoutError is a task's time limit, which only a bug reaches (every stage has its own
+    deadline inside the attempt's), logged as one.
     """
-    log.error("session.internal_error", host=request.host, stage=None, traceback=str(error))
+    if isinstance(reason, SessionFailure):
+        category, message = reason.category, reason.message
+    else:
+        category, message = ErrorCategory.INTERNAL, f"internal error: {reason}"
+        log.error("session.internal_error", host=request.host, stage=None, traceback=str(reason))
     return Outcome(
         ok=False,
-        err_message=f"internal error: {error}",
-        error=ErrorCategory.INTERNAL,
+        err_message=message,
+        error=category,
         stage=Stage.VALIDATE,
+        retryable=category.retryable,
         host=request.host,
         port=request.effective_port,
         security=request.effective_security,
@@ -502,6 +561,7 @@ async def open_session(
     observers: Sequence[SessionObserver] = DEFAULT_OBSERVERS,
     trust_memory: TrustMemory | None = None,
     extra_ca_file: str | None = None,
+    guards: Guards = UNGUARDED,
 ) -> Outcome:
     """Open one SMTP session as the request asks, retrying retryable failures.
 
@@ -524,6 +584,7 @@ async def open_session(
             started=started,
             trust_memory=trust_memory,
             extra_ca_file=extra_ca_file,
+            guards=guards,
         )
         report(outcome, final=False, observers=observers)
         if outcome.ok or not outcome.retryable or attempt > session_request.retries:

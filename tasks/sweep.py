@@ -25,6 +25,8 @@ from smtp_session.tasks.request import (
 from smtp_session.tasks.session import (
     DEFAULT_RETRY_POLICY,
     MAX_BACKOFF,
+    UNGUARDED,
+    Guards,
     RetryPolicy,
     open_session,
     utc_now,
@@ -94,6 +96,7 @@ class _Sweep:
     observers: Sequence[SessionObserver]
     trust_memory: TrustMemory | None
     extra_ca_file: str | None
+    guards: Guards
     retry_policy: RetryPolicy
     on_outcome: Callable[[Outcome], None] | None
     resolver: dns.asyncresolver.Resolver | None
@@ -115,6 +118,7 @@ class _Sweep:
                 observers=self.observers,
                 trust_memory=self.trust_memory,
                 extra_ca_file=self.extra_ca_file,
+                guards=self.guards,
                 retry_policy=self.retry_policy,
             )
         return self._done(outcome)
@@ -159,6 +163,7 @@ async def sweep(
     observers: Sequence[SessionObserver] = DEFAULT_OBSERVERS,
     trust_memory: TrustMemory | None = None,
     extra_ca_file: str | None = None,
+    guards: Guards = UNGUARDED,
     retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     on_outcome: Callable[[Outcome], None] | None = None,
     resolver: dns.asyncresolver.Resolver | None = None,
@@ -179,6 +184,7 @@ async def sweep(
         observers,
         trust_memory,
         extra_ca_file,
+        guards,
         retry_policy,
         on_outcome,
         resolver,

@@ -58,12 +58,16 @@ def _store_version() -> tuple[str | None, str | None, float, float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_context(mode: TrustMode, ca_files: tuple[str, ...], _version: object) -> ssl.SSLContext:
+def _cached_context(
+    mode: TrustMode, ca_files: tuple[str, ...], ca_pem: str | None, _version: object
+) -> ssl.SSLContext:
     if mode == "native":
         return _harden(_native_context())
     context = ssl.create_default_context(cafile=certifi.where())
     for ca_file in ca_files:
         context.load_verify_locations(cafile=ca_file)
+    if ca_pem is not None:
+        context.load_verify_locations(cadata=ca_pem)  # in memory: never written to disk
     return _harden(context)
 
 
@@ -72,17 +76,20 @@ def forget_contexts() -> None:
     _cached_context.cache_clear()
 
 
-def verifying_context(mode: TrustMode, *ca_files: str | None) -> ssl.SSLContext:
+def verifying_context(
+    mode: TrustMode, *ca_files: str | None, ca_pem: str | None = None
+) -> ssl.SSLContext:
     """A context that verifies the chain and the host name, TLS 1.2 or newer.
 
     `native` asks the operating system's verifier; `portable` uses certifi's bundle plus
-    the `ca_files` given (None ones skipped). Contexts are cached, since building one reads
-    a whole CA bundle, and built anew when the bundles behind them change (mtime or path).
+    the `ca_files` given (None ones skipped) and the certificates of `ca_pem`. Contexts are
+    cached, since building one reads a whole CA bundle, and built anew when the bundles
+    behind them change (mtime or path).
     """
     if mode == "native":
-        return _cached_context(mode, (), _store_version())
+        return _cached_context(mode, (), None, _store_version())
     files = tuple(ca_file for ca_file in ca_files if ca_file)
-    return _cached_context(mode, files, tuple(_mtime(ca_file) for ca_file in files))
+    return _cached_context(mode, files, ca_pem, tuple(_mtime(ca_file) for ca_file in files))
 
 
 def _names(certificate: x509.Certificate) -> list[str]:

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 DEFAULT_CAPACITY = 4096
 
-_Key = tuple[str, int, str | None]
+_Key = tuple[str, int, str | None, str | None]  # host, port, ca_file, ca_pem's digest
 
 
 class TrustMemory:

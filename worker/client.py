@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 
 from smtp_session.tasks.contract import OPEN_TASK
 from smtp_session.tasks.outcome import Outcome
-from smtp_session.tasks.request import parse_request
+from smtp_session.tasks.request import check_queue_request, parse_request
 
 
 def submit(app: Celery, **fields: Any) -> str:
@@ -27,7 +27,7 @@ def submit(app: Celery, **fields: Any) -> str:
     InvalidRequest (naming the field) before anything is enqueued. Credentials go as a
     reference name; the worker resolves the secret.
     """
-    parse_request(fields)
+    check_queue_request(parse_request(fields))
     # No time limits in the message: the worker bounds each task by the request's timeout.
     sent = app.send_task(OPEN_TASK, kwargs=fields)
     return str(sent.id)

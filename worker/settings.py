@@ -6,10 +6,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from smtp_session.tasks.contract import DEFAULT_CONCURRENCY
+from smtp_session.tasks.egress import (
+    DEFAULT_MAX_PER_DESTINATION,
+    DEFAULT_PORTS,
+    EgressPolicy,
+    parse_networks,
+    parse_ports,
+)
 from smtp_session.tasks.errors import SessionWorkerError
 from smtp_session.tasks.request import (
     DEFAULT_RETRIES,
@@ -65,6 +72,32 @@ class Settings(BaseSettings):
     max_timeout: float = Field(
         default=DEFAULT_MAX_TIMEOUT, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False
     )
+
+    # The egress policy of requests from the queue (docs/settings.md): CIDRs added to the
+    # public internet, and the ports allowed (empty: 25, 465, 587, 2525).
+    allow_networks: str = ""
+    allow_ports: str = ""
+    # Sessions at once to one destination address, per worker process.
+    max_per_destination: int = Field(default=DEFAULT_MAX_PER_DESTINATION, ge=1, le=10_000)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _check_networks(cls, text: str) -> str:
+        parse_networks(text)
+        return text
+
+    @field_validator("allow_ports")
+    @classmethod
+    def _check_ports(cls, text: str) -> str:
+        if text.strip():
+            parse_ports(text)
+        return text
+
+    @property
+    def egress_policy(self) -> EgressPolicy:
+        """Where requests from the queue may connect."""
+        ports = parse_ports(self.allow_ports) if self.allow_ports.strip() else DEFAULT_PORTS
+        return EgressPolicy(parse_networks(self.allow_networks), ports)
 
     @model_validator(mode="after")
     def _ca_file_needs_portable_trust(self) -> Settings:

@@ -303,12 +303,25 @@ def child_processes(pid: int) -> list[int]:
     return [int(child) for child in children.split()]
 
 
-def worker_env(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without SMTP_SESSION_*, a private data dir, no exporter."""
+#: The operator's allowance that lets queue requests reach the tests' servers: they listen
+#: on loopback, at any port. Tests of the egress policy itself leave it out.
+LOOPBACK_ALLOWED = {
+    ENV_PREFIX + "ALLOW_NETWORKS": "127.0.0.0/8,::1/128",
+    ENV_PREFIX + "ALLOW_PORTS": "1-65535",
+}
+
+
+def worker_env(
+    data_dir: Path, extra: Mapping[str, str] | None = None, *, allow_loopback: bool = True
+) -> dict[str, str]:
+    """This process's environment without SMTP_SESSION_*, a private data dir, no exporter,
+    and (unless `allow_loopback` is false) the loopback allowance."""
     env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env[ENV_PREFIX + "DATA_DIR"] = str(data_dir)
     env[ENV_PREFIX + "METRICS_PORT"] = "0"  # 0 disables the /metrics exporter
+    if allow_loopback:
+        env.update(LOOPBACK_ALLOWED)
     env.update(extra or {})
     return env
 

@@ -488,10 +488,10 @@ async def test_trust_memory_falls_back_to_native_when_portable_stops_verifying(
 ) -> None:
     server = await smtp_server_factory(mode="starttls")
     memory = TrustMemory()
-    memory.remember((LOOPBACK, server.port, None), "portable")
+    memory.remember((LOOPBACK, server.port, None, None), "portable")
     monkeypatch.setenv("SSL_CERT_FILE", ca_pem_path)  # now only the native store knows the CA
     outcome = await open_session({"host": LOOPBACK, "port": server.port}, trust_memory=memory)
     assert outcome.ok
     assert outcome.tls is not None
     assert (outcome.tls.trust, outcome.tls.fallback) == ("native", False)
-    assert not memory.needs_portable((LOOPBACK, server.port, None))
+    assert not memory.needs_portable((LOOPBACK, server.port, None, None))

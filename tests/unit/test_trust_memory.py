@@ -9,7 +9,7 @@ from smtp_session.tasks.trust_memory import TrustMemory
 
 def test_remembers_portable_and_forgets_on_native() -> None:
     memory = TrustMemory()
-    key = ("smtp.example.com", 587, None)
+    key = ("smtp.example.com", 587, None, None)
     assert not memory.needs_portable(key)
     memory.remember(key, "portable")
     assert memory.needs_portable(key)
@@ -20,7 +20,7 @@ def test_remembers_portable_and_forgets_on_native() -> None:
 
 def test_capacity_evicts_the_least_recently_used() -> None:
     memory = TrustMemory(capacity=2)
-    a, b, c = (("a", 25, None), ("b", 25, None), ("c", 25, None))
+    a, b, c = (("a", 25, None, None), ("b", 25, None, None), ("c", 25, None, None))
     memory.remember(a, "portable")
     memory.remember(b, "portable")
     assert memory.needs_portable(a)  # a is now the most recent
