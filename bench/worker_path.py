@@ -230,6 +230,11 @@ def worker_environment(broker_url: str, folder: Path) -> dict[str, str]:
         "SMTP_SESSION_BROKER_URL": broker_url,
         "SMTP_SESSION_DATA_DIR": str(folder / "data"),
         "SMTP_SESSION_METRICS_LISTEN": f"{LOOPBACK}:0",
+        # The servers on loopback stand for many public ones: the operator's allowance for
+        # them, and no bound per destination address below the concurrency.
+        "SMTP_SESSION_ALLOW_NETWORKS": "127.0.0.0/8",
+        "SMTP_SESSION_ALLOW_PORTS": "1024-65535",
+        "SMTP_SESSION_MAX_PER_DESTINATION": str(CONCURRENCY),
     }
 
 
