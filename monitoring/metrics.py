@@ -17,6 +17,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from smtp_session.tasks.outcome import Outcome
 
 ADHOC_TARGET = "adhoc"
+#: Outcomes of requests refused before any I/O: bad input, or the egress policy.
+REFUSED_BEFORE_ANY_IO = frozenset({"invalid_request", "blocked"})
 NAMESPACE = "smtp_session"
 # Sessions range from a loopback millisecond to a 10 s deadline times three attempts.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
@@ -170,7 +172,7 @@ class SessionMetrics:
         self._opens(target, _result(outcome), error).inc()
         if outcome.timings.total is not None:
             self._duration(target, _result(outcome)).observe(outcome.timings.total)
-        if outcome.error is not None and outcome.error.value == "invalid_request":
+        if outcome.error is not None and outcome.error.value in REFUSED_BEFORE_ANY_IO:
             return  # says nothing about the server: leave up/expiry as they were
         self._up(target).set(1 if outcome.ok else 0)
         if outcome.ok:

@@ -8,8 +8,9 @@ import trustme
 from prometheus_client import CollectorRegistry
 
 from smtp_session.monitoring.metrics import SessionMetrics
+from smtp_session.tasks.egress import EgressPolicy
 from smtp_session.tasks.outcome import Outcome
-from smtp_session.tasks.session import RetryPolicy, open_session
+from smtp_session.tasks.session import UNGUARDED, Guards, RetryPolicy, open_session
 from tests.servers import LOOPBACK, RawServerFactory, SmtpServerFactory, leaf_certificate
 
 FAST_RETRY = RetryPolicy(base=0.01, cap=0.02)
@@ -21,13 +22,19 @@ class Recorder:
         self.metrics = SessionMetrics(self.registry, known_targets=known_targets)
 
     async def run(
-        self, port: int, *, extra_ca_file: str | None = None, **fields: object
+        self,
+        port: int,
+        *,
+        extra_ca_file: str | None = None,
+        guards: Guards = UNGUARDED,
+        **fields: object,
     ) -> Outcome:
         return await open_session(
             {"host": LOOPBACK, "port": port, **fields},
             retry_policy=FAST_RETRY,
             observers=[self.metrics],
             extra_ca_file=extra_ca_file,
+            guards=guards,
         )
 
     def value(self, name: str, **labels: str) -> float | None:
@@ -102,3 +109,16 @@ async def test_invalid_request_counts_but_leaves_up_alone(
         recorder.value("opens_total", target="mx1", result="failure", error="invalid_request") == 1
     )
     assert recorder.value("up", target="mx1") == 1
+
+
+async def test_a_blocked_request_counts_but_leaves_up_alone(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = await smtp_server_factory(mode="plain")
+    recorder = Recorder(known_targets={"mx1"})
+    await recorder.run(server.port, security="plain", target="mx1")
+    from_queue = Guards(egress=EgressPolicy(ports=frozenset({server.port})))
+    await recorder.run(server.port, security="plain", target="mx1", guards=from_queue)
+    assert recorder.value("opens_total", target="mx1", result="failure", error="blocked") == 1
+    assert recorder.value("up", target="mx1") == 1
+    assert server.connections_accepted == 1  # the blocked one never connected
