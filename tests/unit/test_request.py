@@ -9,7 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smtp_session.tasks.errors import InvalidRequest
-from smtp_session.tasks.request import parse_request
+from smtp_session.tasks.request import check_queue_request, parse_request
+from smtp_session.worker.settings import InvalidSettings, load_settings
+
+#: A private key where a CA certificate belongs (its body does not matter: refused unread).
+KEY_PEM = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
 
 
 @pytest.mark.parametrize(
@@ -33,6 +37,10 @@ from smtp_session.tasks.request import parse_request
         ({"host": "x", "password": "hunter2"}, "password", "unknown field"),
         ({"port": 25}, "host", "is required"),
         ({"host": "x", "security": "plain", "credentials": "c"}, "credentials", "need TLS"),
+        ({"host": "x", "ca_pem": "x" * 65_537}, "ca_pem", "at most 65536 characters"),
+        ({"host": "x", "ca_pem": "not a certificate"}, "ca_pem", "holds no PEM certificate"),
+        ({"host": "x", "ca_pem": KEY_PEM}, "ca_pem", "not a private key"),
+        ({"host": "x", "ca_file": "/ca.pem", "trust": "native"}, "ca_file", "not used with trust"),
     ],
 )
 def test_invalid_fields_are_named(fields: dict[str, Any], field: str, problem: str) -> None:
@@ -102,3 +110,27 @@ def test_any_host_string_validates_or_is_named(host: str) -> None:
         assert request.connect_host
         assert " " not in request.connect_host
     assert error is None or error.field == "host"
+
+
+def test_a_queue_request_may_not_name_a_file_on_the_worker() -> None:
+    with pytest.raises(InvalidRequest, match=r"^ca_file: is not accepted from the queue"):
+        check_queue_request(parse_request({"host": "x", "ca_file": "/etc/passwd"}))
+    check_queue_request(parse_request({"host": "x"}))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("SMTP_SESSION_ALLOW_NETWORKS", "10.0.0.0/33", "'10.0.0.0/33' is not a network"),
+        ("SMTP_SESSION_ALLOW_PORTS", "25,smtp", "'smtp' is not a port"),
+        ("SMTP_SESSION_MAX_PER_DESTINATION", "0", "greater than or equal to 1"),
+    ],
+)
+def test_a_bad_egress_setting_stops_the_start_naming_it(
+    variable: str, value: str, words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(InvalidSettings) as caught:
+        load_settings()
+    assert caught.value.variable == variable
+    assert words in caught.value.problem
