@@ -129,6 +129,7 @@ class _Connection:
         self.cipher: str | None = None
         self.cert: CertInfo | None = None
         self.verified = False
+        self.tls_began = False
         self.authenticated = False
         self.deadline = 0.0
         self._loop = asyncio.get_running_loop()
@@ -139,6 +140,7 @@ class _Connection:
         return self.deadline - self._loop.time()
 
     def _enter(self, stage: Stage) -> None:
+        self.tls_began = self.tls_began or stage in (Stage.TLS, Stage.STARTTLS)
         now = self._loop.time()
         if self.stage is not Stage.DONE:
             key = self.stage.value
@@ -322,7 +324,8 @@ class _Connection:
         return TlsInfo(
             version=self.tls_version,
             cipher=self.cipher,
-            trust=self.trust,
+            # No handshake began (a DNS or connect failure): no trust mode was used.
+            trust=self.trust if self.tls_began else None,
             fallback=fallback,
             verified=self.verified,
             cert=cert,
@@ -428,15 +431,20 @@ async def run_attempt(
     remembered = trust_memory is not None and trust_memory.needs_portable(memory_key)
     modes = _trust_modes(request, needs_portable=remembered)
     addresses: list[AddressInfo] | None = None
+    timings: dict[str, float] = {}
     for index, mode in enumerate(modes):
         connection = _Connection(
             request, credentials, mode, ehlo_name, extra_ca_file, guards, addresses
         )
         failure = await connection.run()
         addresses = connection.addresses
+        for stage, seconds in connection.timings.items():  # the attempt's, every connection
+            timings[stage] = round(timings.get(stage, 0.0) + seconds, 6)
         last = index == len(modes) - 1
         if failure is None or failure.category is not ErrorCategory.TLS_UNTRUSTED or last:
             break
+    # Verified in the other store than the preferred one: the fallback ran now, or it ran
+    # before and the trust memory starts this server in the portable store.
     fallback = request.trust == "auto" and connection.trust != _preferred_mode(request)
     if trust_memory is not None and request.trust == "auto" and security != "plain":
         if failure is None:
@@ -474,7 +482,7 @@ async def run_attempt(
         tls=None if security == "plain" else connection.tls_info(fallback=fallback, cert=cert),
         server=connection.server,
         authenticated=connection.authenticated,
-        timings=Timings(**connection.timings, total=round(time.time() - started, 6)),
+        timings=Timings(**timings, total=round(time.time() - started, 6)),
         attempts=attempt,
         started_at=utc_iso(started),
     )

@@ -645,7 +645,7 @@ async def test_a_secret_given_by_reference_shows_nowhere_the_worker_writes(
             host=server.host,
             port=server.port,
             security="starttls",
-            ca_file=ca_pem_path,
+            ca_pem=Path(ca_pem_path).read_text(),  # a tenant's CA travels as text
             credentials=CREDENTIALS_REF,
             retries=0,
             ehlo_name=EHLO_NAME,

@@ -431,7 +431,7 @@ async def test_only_the_credentials_reference_travels(
     tls_fields: dict[str, Any] = {
         "security": "starttls",
         "trust": "portable",
-        "ca_file": ca_pem_path,
+        "ca_pem": Path(ca_pem_path).read_text(),  # a tenant's CA travels as text
         "credentials": CREDENTIALS_REF,
         "ehlo_name": EHLO_NAME,
     }
