@@ -38,7 +38,9 @@ class LineWriter:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._lock = threading.Lock()
+        # Reentrant: a line written from within a write (a finalizer that logs) must not
+        # deadlock its own thread.
+        self._lock = threading.RLock()
 
     def write(self, line: str) -> None:
         with self._lock:

@@ -69,14 +69,21 @@ class BackgroundLoop:
         future = asyncio.run_coroutine_threadsafe(_bounded(coroutine, time_limit), self.loop())
         try:
             return future.result(timeout=time_limit + self._grace)
-        except (TimeoutError, concurrent.futures.CancelledError):
-            future.cancel()
+        except concurrent.futures.CancelledError:
+            raise TaskTimeLimitExceeded(time_limit) from None
+        except TimeoutError:
+            if future.done():  # raised by the coroutine (or by its limit, in _bounded)
+                raise
+            future.cancel()  # the loop is stuck: stop waiting for it
             raise TaskTimeLimitExceeded(time_limit) from None
 
 
 async def _bounded(coroutine: Coroutine[Any, Any, _T], time_limit: float) -> _T:
+    limit = asyncio.timeout(time_limit)
     try:
-        async with asyncio.timeout(time_limit):
+        async with limit:
             return await coroutine
     except TimeoutError:
-        raise TaskTimeLimitExceeded(time_limit) from None
+        if limit.expired():  # the limit, not a TimeoutError of the coroutine's own
+            raise TaskTimeLimitExceeded(time_limit) from None
+        raise

@@ -9,6 +9,7 @@ once as it has threads, each task keeping its own id, result, latency and retrie
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -117,19 +118,22 @@ def _targets(app: Celery) -> Mapping[str, SweepItem]:
 
 
 _process_metrics: list[SessionMetrics] = []
+_process_metrics_lock = threading.Lock()
 
 
 def process_metrics(app: Celery) -> SessionMetrics:
     """This process's metrics, made on first use from the app's configured targets.
 
-    One per process: the metrics register in prometheus_client's process-wide registry.
+    One per process: the metrics register in prometheus_client's process-wide registry,
+    which refuses a second registration (the first tasks of many threads race here).
     """
-    if not _process_metrics:
-        targets = _targets(app)
-        metrics = SessionMetrics(known_targets=targets)
-        metrics.declare_targets(targets)
-        _process_metrics.append(metrics)
-    return _process_metrics[0]
+    with _process_metrics_lock:
+        if not _process_metrics:
+            targets = _targets(app)
+            metrics = SessionMetrics(known_targets=targets)
+            metrics.declare_targets(targets)
+            _process_metrics.append(metrics)
+        return _process_metrics[0]
 
 
 def _observers(app: Celery) -> Sequence[SessionObserver]:

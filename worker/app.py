@@ -16,13 +16,20 @@ from celery import Celery
 from smtp_session.tasks.background_loop import HARD_LIMIT_GRACE
 from smtp_session.tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE
 from smtp_session.tasks.contract import CHECK_TARGET_TASK, attempt_time_limit
+from smtp_session.tasks.request import SessionRequest
 from smtp_session.tasks.session import MAX_BACKOFF
 from smtp_session.tasks.sweep import SweepItem, time_limit, with_defaults
 from smtp_session.worker import embedded_beat, signals
 from smtp_session.worker.settings import Settings, load_settings
-from smtp_session.worker.targets import Target, load_targets
+from smtp_session.worker.targets import InvalidTargets, Target, load_targets
 
-RESULT_EXPIRES = 24 * 3600
+# Results are read within seconds by whoever waits for them: an hour, not a day, of them
+# in Redis (about 1 kB each).
+RESULT_EXPIRES = 3600
+#: Rounds of the longest task a message may spend in this worker unacknowledged: waiting
+#: behind the one reserved ahead of it per thread (prefetch 2), behind the retries whose
+#: countdown ended at once (at most one per thread: worker_eta_task_limit), and running.
+UNACKED_ROUNDS = 3
 VISIBILITY_MARGIN = 10.0
 #: Seconds between the worker's scans for messages a killed worker left unacknowledged.
 RESTORE_INTERVAL = 5
@@ -41,12 +48,14 @@ def longest_task(settings: Settings, items: list[SweepItem]) -> float:
 def redelivery_timeout(settings: Settings, items: list[SweepItem]) -> int:
     """Redis's visibility timeout: how long a message may stay unacknowledged.
 
-    With late acks a message stays unacknowledged while its task runs, and a retry waits
-    in the worker as an ETA message for up to MAX_BACKOFF: the timeout must outlast both,
-    or Redis would hand a running task to a second worker. It is also how long the tasks
-    of a worker killed as a whole wait before another worker gets them.
+    With late acks a message stays unacknowledged while it waits in the worker and while
+    its task runs, and a retry waits as an ETA message for up to MAX_BACKOFF first: the
+    timeout must outlast all of it, or Redis would hand the message to a second worker
+    (a task run twice). It is also how long the tasks of a worker killed as a whole wait
+    before another worker gets them.
     """
-    return int(longest_task(settings, items) + HARD_LIMIT_GRACE + MAX_BACKOFF + VISIBILITY_MARGIN)
+    longest = UNACKED_ROUNDS * longest_task(settings, items)
+    return int(longest + HARD_LIMIT_GRACE + MAX_BACKOFF + VISIBILITY_MARGIN)
 
 
 def _transport_options(settings: Settings, items: list[SweepItem]) -> dict[str, Any]:
@@ -79,10 +88,24 @@ def beat_schedule(targets: list[Target]) -> dict[str, dict[str, Any]]:
             "task": CHECK_TARGET_TASK,
             "schedule": timedelta(seconds=target.interval),
             "kwargs": {"name": target.name},
-            "options": {"expires": target.interval},
+            # Nobody reads a scheduled check's result (logs and metrics have it): not stored.
+            "options": {"expires": target.interval, "ignore_result": True},
         }
         for target in targets
     }
+
+
+def check_target_timeouts(targets: list[Target], max_timeout: float) -> None:
+    """Every configured target's timeout within the worker's maximum; raises InvalidTargets."""
+    for target in targets:
+        item = target.sweep_item()
+        value = item.timeout if isinstance(item, SessionRequest) else item.fields.get("timeout")
+        timeout = float(value) if isinstance(value, int | float) else None
+        if timeout is not None and timeout > max_timeout:
+            raise InvalidTargets(
+                f"target {target.name!r}: timeout: must be at most {max_timeout:g} s "
+                "(SMTP_SESSION_MAX_TIMEOUT)"
+            )
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -90,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     targets = load_targets(settings.targets) if settings.targets is not None else []
     items = [target.sweep_item() for target in targets]
+    check_target_timeouts(targets, settings.max_timeout)
     if not settings.result_backend:
         (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
     celery = Celery("smtp_session", include=["smtp_session.tasks.celery_tasks"])
@@ -112,6 +136,9 @@ def create_app(settings: Settings | None = None) -> Celery:
         # idle at 200 ms per reply: bench/worker_path.py). Unacknowledged, a reserved message
         # goes back to the queue when the worker stops or dies.
         worker_prefetch_multiplier=2,
+        # Retries waiting on their countdown, held by this worker: at most one per thread,
+        # so that they all fit in the redelivery timeout (UNACKED_ROUNDS).
+        worker_eta_task_limit=settings.worker_concurrency,
         # The threads pool enforces no time limits: the tasks bound themselves (each
         # session's deadlines, then tasks.background_loop's limit per task).
         # A broker that is down at start or goes away later is waited for, forever.

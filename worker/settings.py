@@ -30,7 +30,7 @@ from smtp_session.tasks.request import (
 ENV_PREFIX = "SMTP_SESSION_"
 APP_NAME = "smtp-session"
 DEFAULT_METRICS_PORT = 9808
-DEFAULT_MAX_TIMEOUT = 60.0
+DEFAULT_MAX_TIMEOUT = 30.0
 MAX_WORKER_CONCURRENCY = 2000
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the worker from elsewhere
 

@@ -47,7 +47,10 @@ def _say(message: str, file: Any = None) -> None:
     text = str(message).strip()
     if "Warm shutdown" in text:
         in_flight = len(worker_state.active_requests)
-        text += f": finishing {in_flight} sessions in flight (a second Ctrl+C stops at once)"
+        text += (
+            f": finishing {in_flight} sessions in flight (a second Ctrl+C stops without "
+            "waiting for them: they go back to the queue and run again)"
+        )
     line = text
     if _current().log_format == "json":
         event = {
@@ -86,8 +89,19 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 
 @signals.celeryd_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
-def _claim_data_dir(**_: Any) -> None:
-    """Before anything starts: one worker per data dir, or this one stops here."""
+def _claim_data_dir(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """Before anything starts: one worker per data dir, or this one stops here.
+
+    Celery's own --beat is refused too: its beat is a child process that a killed worker
+    leaves behind, and that holds no lock (`smtp-session worker --beat` runs it as a thread).
+    """
+    if (options or {}).get("beat"):
+        log.critical(
+            "worker.beat_refused",
+            message="Celery's --beat runs beat as a process that can outlive the worker: "
+            "use `smtp-session worker --beat` (or --embedded-beat)",
+        )
+        os._exit(EXIT_CONFIG)
     data_dir = _current().data_dir
     try:
         claim(data_dir)

@@ -350,14 +350,9 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         concurrency: int | None = 2,
         beat: bool = False,
     ) -> WorkerProcess:
-        if celery_cli:
-            argv = [
-                str(BIN / "celery"),
-                "-A",
-                "smtp_session.worker.app",
-                "worker",
-                "--loglevel=INFO",
-            ]
+        if celery_cli:  # with `beat`, Celery's own --beat (which the worker refuses)
+            argv = [str(BIN / "celery"), "-A", APP, "worker", "--loglevel=INFO"]
+            argv += ["--beat"] if beat else []
         else:
             argv = [str(BIN / "smtp-session"), "worker", *(["--beat"] if beat else [])]
         if concurrency is not None:  # None: the worker's default

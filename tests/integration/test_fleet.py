@@ -105,6 +105,20 @@ async def test_a_second_worker_on_the_same_data_dir_refuses_and_leaves_the_first
     assert child_processes(first.pid) == []
 
 
+async def test_celerys_own_beat_flag_is_refused(
+    start_worker: WorkerFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = worker_env(tmp_path / "data", {"SMTP_SESSION_BROKER_URL": redis_server.url})
+    worker = start_worker(env=env, celery_cli=True, beat=True)
+
+    code = await asyncio.to_thread(worker.wait_exit, timeout=START_TIMEOUT)
+
+    assert code == 2
+    refusal = worker.wait_for_line("worker.beat_refused", timeout=START_TIMEOUT)
+    assert "use `smtp-session worker --beat`" in refusal
+    assert not [line for line in worker.lines if "beat: Starting" in line]
+
+
 async def test_check_target_and_sweep(
     start_worker: WorkerFactory,
     celery_client: Celery,

@@ -91,3 +91,15 @@ def test_a_stuck_loop_frees_the_waiting_thread_after_the_grace() -> None:
         background.run(block_the_loop(), time_limit=SHORT_LIMIT)
     # The thread stopped waiting at limit + grace, while the loop was still stuck.
     assert time.monotonic() - started < STUCK_FOR
+
+
+def test_a_timeout_of_the_coroutines_own_is_not_taken_for_the_limit() -> None:
+    background = BackgroundLoop()
+
+    async def give_up() -> None:
+        async with asyncio.timeout(0):
+            await asyncio.sleep(1)
+
+    with pytest.raises(TimeoutError) as raised:
+        background.run(give_up(), time_limit=GENEROUS)
+    assert not isinstance(raised.value, TaskTimeLimitExceeded)
