@@ -50,11 +50,9 @@ def cli_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str,
     return env
 
 
-async def run_cli(*args: str, env: Mapping[str, str]) -> CliRun:
-    """Run `smtp-session ARGS` to completion (bounded), serving the loop meanwhile."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    process = await asyncio.create_subprocess_exec(
+async def start_cli(*args: str, env: Mapping[str, str]) -> asyncio.subprocess.Process:
+    """Start `smtp-session ARGS`, its stdout and stderr piped; see finish_cli."""
+    return await asyncio.create_subprocess_exec(
         str(CLI),
         *args,
         stdin=asyncio.subprocess.DEVNULL,
@@ -62,6 +60,11 @@ async def run_cli(*args: str, env: Mapping[str, str]) -> CliRun:
         stderr=asyncio.subprocess.PIPE,
         env=dict(env),
     )
+
+
+async def finish_cli(process: asyncio.subprocess.Process, *, started: float) -> CliRun:
+    """Wait (bounded) for a started CLI to end; `started` is its loop.time() at start."""
+    loop = asyncio.get_running_loop()
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_RUN_TIMEOUT)
     except TimeoutError:
@@ -75,6 +78,12 @@ async def run_cli(*args: str, env: Mapping[str, str]) -> CliRun:
         stderr=stderr.decode("utf-8", "replace"),
         elapsed=loop.time() - started,
     )
+
+
+async def run_cli(*args: str, env: Mapping[str, str]) -> CliRun:
+    """Run `smtp-session ARGS` to completion (bounded), serving the loop meanwhile."""
+    started = asyncio.get_running_loop().time()
+    return await finish_cli(await start_cli(*args, env=env), started=started)
 
 
 def log_events(stderr: str) -> list[dict[str, Any]]:

@@ -16,12 +16,11 @@ from celery import Celery
 from smtp_session.tasks.background_loop import HARD_LIMIT_GRACE
 from smtp_session.tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUTE
 from smtp_session.tasks.contract import CHECK_TARGET_TASK, attempt_time_limit
-from smtp_session.tasks.request import SessionRequest
 from smtp_session.tasks.session import MAX_BACKOFF
 from smtp_session.tasks.sweep import SweepItem, time_limit, with_defaults
 from smtp_session.worker import embedded_beat, signals
 from smtp_session.worker.settings import Settings, load_settings
-from smtp_session.worker.targets import InvalidTargets, Target, load_targets
+from smtp_session.worker.targets import Target, check_target_timeouts, load_targets
 
 # Results are read within seconds by whoever waits for them: an hour, not a day, of them
 # in Redis (about 1 kB each).
@@ -93,19 +92,6 @@ def beat_schedule(targets: list[Target]) -> dict[str, dict[str, Any]]:
         }
         for target in targets
     }
-
-
-def check_target_timeouts(targets: list[Target], max_timeout: float) -> None:
-    """Every configured target's timeout within the worker's maximum; raises InvalidTargets."""
-    for target in targets:
-        item = target.sweep_item()
-        value = item.timeout if isinstance(item, SessionRequest) else item.fields.get("timeout")
-        timeout = float(value) if isinstance(value, int | float) else None
-        if timeout is not None and timeout > max_timeout:
-            raise InvalidTargets(
-                f"target {target.name!r}: timeout: must be at most {max_timeout:g} s "
-                "(SMTP_SESSION_MAX_TIMEOUT)"
-            )
 
 
 def create_app(settings: Settings | None = None) -> Celery:

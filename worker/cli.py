@@ -1,7 +1,11 @@
 """`smtp-session`: check a server now, enqueue a check, run the worker, sweep targets.
 
 Streams: a command's result goes to stdout (one JSON document with --json); logs,
-progress and warnings go to stderr. Exit codes: 0 ok, 1 session failed, 2 bad input.
+progress and warnings go to stderr. Exit codes: see EXIT_CODES.
+
+Start-up is part of the interface: `check` and `sweep` run in this process and are timed
+by people and by scripts. This module imports only what defines the commands; each
+command imports what it runs, so Celery (about half a second) only where a broker is.
 """
 
 from __future__ import annotations
@@ -12,38 +16,87 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
-from smtp_session.monitoring.logging import configure_logging
-from smtp_session.tasks.contract import attempt_time_limit
+from smtp_session.tasks.contract import DEFAULT_CONCURRENCY
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest
-from smtp_session.tasks.outcome import Outcome, json_schema
-from smtp_session.tasks.request import parse_request
-from smtp_session.tasks.session import MAX_BACKOFF, open_session, rejected
-from smtp_session.tasks.sweep import SweepSummary, with_defaults
-from smtp_session.tasks.sweep import sweep as run_sweep
-from smtp_session.tasks.trust_memory import TrustMemory
-from smtp_session.worker.embedded_beat import OPTION as BEAT_OPTION
+from smtp_session.tasks.request import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    check_queue_request,
+    parse_request,
+)
 from smtp_session.worker.settings import (
+    ENV_PREFIX,
     MAX_WORKER_CONCURRENCY,
     InvalidSettings,
     Settings,
     load_settings,
 )
-from smtp_session.worker.targets import InvalidTargets, load_targets
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from rich.console import Console
+    from rich.table import Table
+
+    from smtp_session.tasks.outcome import Outcome
+    from smtp_session.tasks.sweep import SweepSummary
+    from smtp_session.worker.targets import Target
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_NO_OUTCOME = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process Ctrl+C ended
+
+EXIT_CODES = """\b
+Exit codes:
+  0    ok (every session of a sweep; enqueue without --wait: the task was sent)
+  1    a session failed (any session of a sweep)
+  2    invalid input: a request field, an option, a setting, the targets file
+  3    no outcome: the broker is unreachable, or --wait timed out
+  130  interrupted (Ctrl+C)"""
+
+#: Default of `enqueue --broker-timeout`: seconds to reach the broker before giving up.
+DEFAULT_BROKER_TIMEOUT = 5.0
+#: Seconds between two connection attempts while the broker refuses.
+BROKER_RETRY_INTERVAL = 0.5
+#: Default of `enqueue --wait-timeout`.
+DEFAULT_WAIT_TIMEOUT = 120.0
+#: `--wait` asks whether a worker answers once the outcome is this late (or at half the
+#: wait, when the wait is shorter).
+WORKER_NOTICE_AFTER = 5.0
+#: How long that question waits for the workers' answers.
+PING_TIMEOUT = 1.0
+#: The shortest wait handed to Celery: it reads 0 as "no timeout".
+MIN_WAIT = 0.05
+
+#: The failures whose outcome's certificate explains them; other failures print none.
+CERTIFICATE_ERRORS = frozenset(
+    {
+        ErrorCategory.TLS_UNTRUSTED,
+        ErrorCategory.TLS_EXPIRED,
+        ErrorCategory.TLS_HOSTNAME,
+        ErrorCategory.TLS_HANDSHAKE,
+    }
+)
+#: Below this many columns for err_message, the sweep prints the messages under the table.
+MIN_MESSAGE_WIDTH = 30
+#: Width of the sweep table when stdout is not a terminal and COLUMNS is not set.
+PIPE_WIDTH = 200
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, then exit with `code`."""
+    click.echo(f"smtp-session: {message}", err=True)
+    sys.exit(code)
 
 
 def split_host_port(value: str) -> tuple[str, int | None]:
@@ -71,19 +124,90 @@ def split_host_port(value: str) -> tuple[str, int | None]:
     return host, int(port_text)
 
 
+def join_host_port(host: str, port: int | None) -> str:
+    """The inverse of split_host_port: an IPv6 literal with a port goes in brackets."""
+    if not port:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+SECURITY_HELP = (
+    "auto: implicit TLS on port 465, required STARTTLS on any other; "
+    "starttls: STARTTLS required, never plaintext; tls: implicit TLS; "
+    "plain: no TLS (only when asked for)."
+)
+TRUST_HELP = (
+    "auto: the system's trust store, then certifi's bundle if that finds no trusted root; "
+    "native: the system's store only; portable: certifi's bundle plus "
+    f"{ENV_PREFIX}CA_FILE and --ca-file. Always verified."
+)
+
+
+def _pem_text(
+    _context: click.Context, _parameter: click.Parameter, value: TextIO | None
+) -> str | None:
+    """--ca-pem FILE: the request carries the file's text, not its path."""
+    return None if value is None else value.read()
+
+
 def request_options(command: _F) -> _F:
-    """The options that mirror the session request fields."""
+    """The options that mirror the session request fields.
+
+    None has a value of its own: an option not given is not sent, so the request's
+    defaults (and the SMTP_SESSION_* settings) apply, as `[default: …]` says.
+    """
     options = [
         click.argument("address", metavar="HOST[:PORT]"),
-        click.option("--security", type=click.Choice(["auto", "starttls", "tls", "plain"])),
-        click.option("--trust", type=click.Choice(["auto", "native", "portable"])),
-        click.option("--ca-file", type=click.Path(dir_okay=False), help="Extra CA bundle (PEM)."),
-        click.option("--timeout", type=float, help="Deadline for one attempt, seconds."),
-        click.option("--connect-timeout", type=float, help="TCP + TLS + greeting, seconds."),
-        click.option("--command-timeout", type=float, help="Each later reply, seconds."),
-        click.option("--retries", type=int, help="Extra attempts for retryable errors."),
+        click.option(
+            "--security",
+            type=click.Choice(["auto", "starttls", "tls", "plain"]),
+            help=SECURITY_HELP,
+            show_default="auto",
+        ),
+        click.option(
+            "--trust",
+            type=click.Choice(["auto", "native", "portable"]),
+            help=TRUST_HELP,
+            show_default=f"${ENV_PREFIX}TRUST, else auto",
+        ),
+        click.option(
+            "--ca-file",
+            type=click.Path(dir_okay=False),
+            help="PEM file with this server's CA, trusted from the first handshake, read "
+            "where the session runs (not accepted through the queue: use --ca-pem).",
+        ),
+        click.option(
+            "--ca-pem",
+            type=click.File("r", encoding="utf-8"),
+            callback=_pem_text,
+            help="PEM file with this server's CA, read here and sent as text (ca_pem).",
+        ),
+        click.option(
+            "--timeout",
+            type=float,
+            help="Deadline for one attempt, seconds.",
+            show_default=f"${ENV_PREFIX}TIMEOUT, else {DEFAULT_TIMEOUT:g}",
+        ),
+        click.option(
+            "--connect-timeout",
+            type=float,
+            help="TCP + TLS + greeting, seconds.",
+            show_default="--timeout",
+        ),
+        click.option(
+            "--command-timeout",
+            type=float,
+            help="Each later reply, seconds.",
+            show_default="--timeout",
+        ),
+        click.option(
+            "--retries",
+            type=int,
+            help="Extra attempts for retryable errors.",
+            show_default=f"${ENV_PREFIX}RETRIES, else {DEFAULT_RETRIES}",
+        ),
         click.option("--credentials", help="Name of a secret (never the secret itself)."),
-        click.option("--ehlo-name", help="Name to send in EHLO."),
+        click.option("--ehlo-name", help="Name to send in EHLO.", show_default="this host's name"),
         click.option("--target", help="Target name for metrics and logs."),
         click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
         click.option("-v", "--verbose", is_flag=True, help="Log every attempt to stderr."),
@@ -91,6 +215,18 @@ def request_options(command: _F) -> _F:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def seconds_option(name: str, default: float, help_text: str) -> Callable[[_F], _F]:
+    """An option of a positive number of seconds, with a default that --help shows."""
+    option: Callable[[_F], _F] = click.option(
+        name,
+        type=click.FloatRange(min=0, min_open=True),
+        default=default,
+        show_default=True,
+        help=help_text,
+    )
+    return option
 
 
 def request_fields(address: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +249,7 @@ def exit_code(outcome: Outcome) -> int:
 
 def summary(outcome: Outcome) -> str:
     """One line for an ok session, a few for a failure."""
-    where = f"{outcome.host}:{outcome.port}" if outcome.port else outcome.host
+    where = join_host_port(outcome.host, outcome.port)
     tls = outcome.tls
     if outcome.ok:
         parts = [outcome.security or "", f"{outcome.timings.total or 0:.3f} s"]
@@ -127,7 +263,7 @@ def summary(outcome: Outcome) -> str:
     attempts = f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
     lines = [f"FAILED {where}: {error} at {outcome.stage.value}{attempts}"]
     lines.append(f"  {outcome.err_message}")
-    if tls is not None and tls.cert is not None:
+    if outcome.error in CERTIFICATE_ERRORS and tls is not None and tls.cert is not None:
         cert = tls.cert
         lines.append(
             f"  certificate: {cert.subject}, issued by {cert.issuer}, "
@@ -147,7 +283,21 @@ def emit(outcome: Outcome, *, as_json: bool) -> NoReturn:
     sys.exit(exit_code(outcome))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The command group; Ctrl+C in any command is one line on stderr and exit 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (KeyboardInterrupt, click.Abort):  # click turns Ctrl+C at a prompt into Abort
+            fail("interrupted", EXIT_INTERRUPTED)
+
+
+@click.group(
+    cls=Commands,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES,
+)
 @click.version_option(package_name="smtp-session-worker", prog_name="smtp-session")
 def main() -> None:
     """Open outbound SMTP sessions and report why they fail."""
@@ -156,6 +306,8 @@ def main() -> None:
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of the outcome (as docs/outcome.schema.json holds it)."""
+    from smtp_session.tasks.outcome import json_schema
+
     click.echo(json.dumps(json_schema(), indent=2))
 
 
@@ -164,71 +316,177 @@ def schema() -> None:
 def check(address: str, as_json: bool, verbose: bool, **options: Any) -> None:
     """Open one session now, in this process (no broker).
 
-    Exit 0 when ok, 1 when the session failed, 2 for invalid input.
+    Exit 0 when ok, 1 when the session failed, 2 for invalid input, 130 when interrupted.
     """
-    settings = _settings_or_exit()
-    configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
+    from smtp_session.tasks.session import open_session
+
+    settings = _settings_or_exit(verbose=verbose)
     fields = {**settings.request_defaults(), **request_fields(address, options)}
     emit(asyncio.run(open_session(fields, extra_ca_file=settings.extra_ca_file)), as_json=as_json)
 
 
-def _settings_or_exit() -> Settings:
+def _settings_or_exit(*, verbose: bool | None = None) -> Settings:
+    """The settings (exit 2 naming the variable); logging configured unless `verbose` is None."""
     try:
-        return load_settings()
+        settings = load_settings()
     except InvalidSettings as exc:
-        click.echo(f"smtp-session: invalid setting {exc}", err=True)
-        sys.exit(EXIT_INVALID)
+        fail(f"invalid setting {exc}", EXIT_INVALID)
+    if verbose is not None:
+        from smtp_session.monitoring.logging import configure_logging
+
+        configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
+    return settings
+
+
+def _load_targets_or_exit(path: Path, *, max_timeout: float | None = None) -> list[Target]:
+    """The targets file's targets (within a worker's `max_timeout`), or exit 2 saying why."""
+    from smtp_session.worker.targets import InvalidTargets, check_target_timeouts, load_targets
+
+    try:
+        targets = load_targets(path)
+        if max_timeout is not None:
+            check_target_timeouts(targets, max_timeout)
+    except InvalidTargets as exc:
+        fail(str(exc), EXIT_INVALID)
+    return targets
 
 
 @main.command()
 @request_options
 @click.option("--wait", is_flag=True, help="Wait for the outcome and print it like `check`.")
-@click.option("--wait-timeout", type=float, help="Seconds to wait with --wait.")
+@seconds_option(
+    "--wait-timeout",
+    DEFAULT_WAIT_TIMEOUT,
+    "Seconds --wait waits for the outcome before it gives up (exit 3).",
+)
+@seconds_option(
+    "--broker-timeout",
+    DEFAULT_BROKER_TIMEOUT,
+    "Seconds to reach the broker, retrying, before giving up (exit 3).",
+)
 def enqueue(
     address: str,
     as_json: bool,
     verbose: bool,
     wait: bool,
-    wait_timeout: float | None,
+    wait_timeout: float,
+    broker_timeout: float,
     **options: Any,
 ) -> None:
-    """Send `smtp_session.open` through the broker; print the task id, or the outcome."""
-    settings = _settings_or_exit()
-    configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
+    """Send `smtp_session.open` through the broker; print the task id, or the outcome.
+
+    Exit 0 when sent (with --wait: when ok), 1 when the session failed, 2 for invalid
+    input (nothing is sent), 3 when there is no outcome (the broker is unreachable, or
+    --wait timed out), 130 when interrupted.
+    """
+    settings = _settings_or_exit(verbose=verbose)
     fields = request_fields(address, options)
     try:
         # Validated here too, so bad input never reaches the queue; the worker checks again.
-        request = parse_request({**settings.request_defaults(), **fields})
+        check_queue_request(parse_request({**settings.request_defaults(), **fields}))
     except InvalidRequest as exc:
+        from smtp_session.tasks.session import rejected
+
         emit(rejected(exc, fields), as_json=as_json)
-    # Celery is imported only by the commands that talk to a broker: `check` starts fast.
-    from celery.exceptions import TimeoutError as CeleryTimeoutError
     from kombu.exceptions import OperationalError
+
+    from smtp_session.worker.targets import InvalidTargets
 
     try:
         from smtp_session.worker.app import app
-    except (InvalidTargets, OSError) as exc:
-        click.echo(f"smtp-session: {exc}", err=True)
-        sys.exit(EXIT_INVALID)
-    from smtp_session.worker.client import result, submit
+    except (InvalidTargets, OSError) as exc:  # the targets file, or the data dir
+        fail(str(exc), EXIT_INVALID)
+    from smtp_session.worker.client import submit
 
+    broker = _broker_name(app, settings)
     try:
+        _reach_broker(app, timeout=broker_timeout)
         task_id = submit(app, **fields)
+        if not wait:
+            click.echo(task_id)
+            return
+        outcome = _wait_for_outcome(app, settings, task_id, timeout=wait_timeout, broker=broker)
     except OperationalError as exc:
-        click.echo(f"smtp-session: cannot reach the broker: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
-    if not wait:
-        click.echo(task_id)
-        return
-    budget = wait_timeout or (request.retries + 1) * (
-        attempt_time_limit(request.timeout) + MAX_BACKOFF
-    )
-    try:
-        outcome = result(app, task_id, timeout=budget)
-    except CeleryTimeoutError:
-        click.echo(f"smtp-session: no outcome for task {task_id} after {budget:.0f} s", err=True)
-        sys.exit(EXIT_FAILED)
+        fail(
+            f"cannot reach {broker} (--broker-timeout {broker_timeout:g} s): {exc}", EXIT_NO_OUTCOME
+        )
     emit(outcome, as_json=as_json)
+
+
+def _broker_name(app: Celery, settings: Settings) -> str:
+    """The broker as people know it: its URL without the password, or the embedded one."""
+    if settings.embedded_broker:
+        return f"the embedded broker in {settings.data_dir}"
+    with app.connection_for_write() as connection:
+        return f"the broker {connection.as_uri()}"  # the password masked as **
+
+
+def _reach_broker(app: Celery, *, timeout: float) -> None:
+    """Connect to the broker, retrying for up to `timeout` seconds (kombu's OperationalError
+    after). The connection goes back to the app's pool, where the publish finds it."""
+    # Each attempt's own bound, here and for any reconnection while publishing.
+    app.conf.broker_connection_timeout = timeout
+    with app.pool.acquire(block=True) as connection:
+        connection.ensure_connection(
+            max_retries=None,
+            interval_start=0,
+            interval_step=BROKER_RETRY_INTERVAL,
+            interval_max=BROKER_RETRY_INTERVAL,
+            timeout=timeout,
+        )
+
+
+def _wait_for_outcome(
+    app: Celery, settings: Settings, task_id: str, *, timeout: float, broker: str
+) -> Outcome:
+    """The task's outcome within `timeout` seconds, saying on stderr when it is late
+    whether any worker answers on the broker; exit 3 when none came."""
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+    from celery.result import AsyncResult
+
+    from smtp_session.tasks.outcome import Outcome
+
+    deadline = time.monotonic() + timeout
+    notice_after = min(WORKER_NOTICE_AFTER, timeout / 2)
+    pending = AsyncResult(task_id, app=app)
+    try:
+        try:
+            return Outcome.from_dict(pending.get(timeout=notice_after))
+        except CeleryTimeoutError:
+            pass
+        click.echo(
+            f"smtp-session: no outcome yet after {notice_after:g} s; "
+            + _workers_state(app, settings, task_id, broker=broker),
+            err=True,
+        )
+        try:
+            return Outcome.from_dict(
+                pending.get(timeout=max(deadline - time.monotonic(), MIN_WAIT))
+            )
+        except CeleryTimeoutError:
+            pass
+    finally:
+        # Stop listening for the task now, as the result's own __del__ would: left to
+        # interpreter shutdown, that fails on a Redis result store with a traceback.
+        pending.backend.remove_pending_result(pending)
+    fail(
+        f"no outcome for task {task_id} after {timeout:g} s (--wait-timeout); "
+        "the task is not cancelled",
+        EXIT_NO_OUTCOME,
+    )
+
+
+def _workers_state(app: Celery, settings: Settings, task_id: str, *, broker: str) -> str:
+    """Whether any worker answers a ping on the broker, and so what the task waits for."""
+    replies = app.control.ping(timeout=PING_TIMEOUT) or []
+    if not replies:
+        setting = "DATA_DIR" if settings.embedded_broker else "BROKER_URL"
+        return (
+            f"no worker answers on {broker}: start `smtp-session worker` "
+            f"with the same {ENV_PREFIX}{setting}"
+        )
+    workers = "1 worker answers" if len(replies) == 1 else f"{len(replies)} workers answer"
+    return f"{workers} on {broker}: task {task_id} is still queued or running"
 
 
 @main.command()
@@ -236,47 +494,92 @@ def enqueue(
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1, max=MAX_WORKER_CONCURRENCY),
-    help="Sessions at once (default: $SMTP_SESSION_WORKER_CONCURRENCY, 100).",
+    help="Sessions at once.",
+    show_default=f"${ENV_PREFIX}WORKER_CONCURRENCY, else {DEFAULT_CONCURRENCY}",
 )
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--loglevel", default="INFO", show_default=True, help="Log level.")
 def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
     """Run the Celery worker with the metrics exporter.
 
     One process runs many sessions at once on one event loop; for more cores, start
-    more workers (see the README, "From one machine to many").
+    more workers (see the README, "From one machine to many"). Exit 2 for an invalid
+    setting or targets file, a data dir another worker holds, or a /metrics port that
+    cannot be bound.
     """
     settings = _settings_or_exit()
     if settings.targets is not None:
-        try:
-            load_targets(settings.targets)
-        except InvalidTargets as exc:
-            click.echo(f"smtp-session: {exc}", err=True)
-            sys.exit(EXIT_INVALID)
+        _load_targets_or_exit(settings.targets, max_timeout=settings.max_timeout)
     argv = [sys.executable, "-m", "celery", "-A", "smtp_session.worker.app", "worker"]
     argv += [f"--loglevel={loglevel}", "--pool=threads"]
     argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
     if beat:
+        from smtp_session.worker.embedded_beat import OPTION as BEAT_OPTION
+
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv += [BEAT_OPTION, f"--schedule={settings.data_dir / 'beat-schedule'}"]
     # A fresh interpreter, exactly as `celery -A smtp_session.worker.app worker` runs.
     os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, argv built above
 
 
-def _sweep_table(summary: SweepSummary) -> Table:
-    table = Table(title=None, show_lines=False)
-    for column in ("target", "server", "ok", "error", "err_message", "time"):
-        table.add_column(column, overflow="fold")
+def _sweep_table(summary: SweepSummary, *, messages: bool) -> Table:
+    """Target, server, ok, error, err_message (unless `messages` is false) and time.
+
+    Nothing is cut short with an ellipsis: ok, error and time stay on one line, the names
+    fold only when the terminal cannot hold them, err_message folds within its column.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    table.add_column("target", overflow="fold")
+    table.add_column("server", overflow="fold")
+    table.add_column("ok", no_wrap=True)
+    table.add_column("error", no_wrap=True)
+    if messages:
+        table.add_column("err_message", overflow="fold", min_width=MIN_MESSAGE_WIDTH)
+    table.add_column("time", no_wrap=True, justify="right")
     for outcome in summary.outcomes:
-        server = f"{outcome.host}:{outcome.port}" if outcome.port else outcome.host
-        table.add_row(
+        row = [
             outcome.target or "",
-            server,
+            join_host_port(outcome.host, outcome.port),
             "yes" if outcome.ok else "NO",
             outcome.error.value if outcome.error else "",
-            outcome.err_message,
-            f"{outcome.timings.total:.2f} s" if outcome.timings.total is not None else "",
-        )
+        ]
+        if messages:
+            row.append(outcome.err_message)
+        row.append(f"{outcome.timings.total:.2f} s" if outcome.timings.total is not None else "")
+        table.add_row(*(Text(cell) for cell in row))  # Text: a "[" in a message is no markup
     return table
+
+
+def _sweep_label(outcome: Outcome) -> str:
+    server = join_host_port(outcome.host, outcome.port)
+    return f"{outcome.target} ({server})" if outcome.target else server
+
+
+def print_sweep(console: Console, summary: SweepSummary) -> None:
+    """The sweep's table and total line, fitted to the console's width.
+
+    err_message gets the width the other columns leave; when that is too narrow to read
+    (an 80-column terminal), each failure's message is printed on its own line below.
+    """
+    from rich.console import Group
+    from rich.measure import Measurement
+    from rich.text import Text
+
+    narrow = _sweep_table(summary, messages=False)
+    natural = Measurement.get(console, console.options, narrow).maximum
+    # The err_message column costs its padding and one border on top of its text.
+    if console.width - natural - 3 >= MIN_MESSAGE_WIDTH:
+        console.print(_sweep_table(summary, messages=True))
+    else:
+        failures = [
+            Text(f"{_sweep_label(outcome)}: {outcome.err_message}")
+            for outcome in summary.outcomes
+            if not outcome.ok
+        ]
+        console.print(Group(narrow, *failures))
+    console.print(f"{summary.ok} ok, {summary.failed} failed in {summary.duration_s:.2f} s")
 
 
 @main.command()
@@ -284,26 +587,37 @@ def _sweep_table(summary: SweepSummary) -> Table:
     "--targets",
     "targets_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Targets file (default: $SMTP_SESSION_TARGETS).",
+    help="Targets file.",
+    show_default=f"${ENV_PREFIX}TARGETS",
 )
-@click.option("--concurrency", type=click.IntRange(min=1), help="Sessions open at once.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Sessions open at once.",
+    show_default=f"${ENV_PREFIX}SWEEP_CONCURRENCY, else {DEFAULT_CONCURRENCY}",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep summary as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every attempt to stderr.")
 def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, verbose: bool) -> None:
-    """Check every configured target now, concurrently, in this process."""
-    settings = _settings_or_exit()
-    configure_logging(settings.log_format, level=logging.INFO if verbose else logging.WARNING)
+    """Check every configured target now, concurrently, in this process.
+
+    Exit 0 when every session succeeded, 1 when any failed, 2 for an invalid targets
+    file or setting, 130 when interrupted.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from smtp_session.tasks.egress import DestinationLimit
+    from smtp_session.tasks.session import Guards
+    from smtp_session.tasks.sweep import sweep as run_sweep
+    from smtp_session.tasks.sweep import with_defaults
+    from smtp_session.tasks.trust_memory import TrustMemory
+
+    settings = _settings_or_exit(verbose=verbose)
     path = targets_path or settings.targets
     if path is None:
-        click.echo(
-            "smtp-session: no targets: pass --targets FILE or set SMTP_SESSION_TARGETS", err=True
-        )
-        sys.exit(EXIT_INVALID)
-    try:
-        targets = load_targets(path)
-    except InvalidTargets as exc:
-        click.echo(f"smtp-session: {exc}", err=True)
-        sys.exit(EXIT_INVALID)
+        fail(f"no targets: pass --targets FILE or set {ENV_PREFIX}TARGETS", EXIT_INVALID)
+    targets = _load_targets_or_exit(path)
     defaults = settings.request_defaults()
     items = [with_defaults(target.sweep_item(), defaults) for target in targets]
     show_progress = sys.stdout.isatty() and not as_json
@@ -319,13 +633,14 @@ def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, ver
                 concurrency=concurrency or settings.sweep_concurrency,
                 trust_memory=TrustMemory(),
                 extra_ca_file=settings.extra_ca_file,
+                guards=Guards(limit=DestinationLimit(settings.max_per_destination)),
                 on_outcome=advance,
             )
         )
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
     else:
-        console = Console(width=None if sys.stdout.isatty() else 200)
-        console.print(_sweep_table(summary))
-        console.print(f"{summary.ok} ok, {summary.failed} failed in {summary.duration_s:.2f} s")
+        # A pipe gets wide lines, unless COLUMNS says otherwise; a terminal its own width.
+        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        print_sweep(Console(width=PIPE_WIDTH if wide else None), summary)
     sys.exit(EXIT_OK if summary.failed == 0 else EXIT_FAILED)

@@ -16,6 +16,8 @@ from smtp_session.tasks.sweep import DomainCheck, SweepItem
 DEFAULT_INTERVAL = 60.0
 MIN_INTERVAL = 1.0
 _TARGET_ONLY = ("name", "interval", "domain")
+#: Stands in for the host while a [defaults] field is validated on its own.
+_DEFAULTS_HOST = "defaults.invalid"
 
 
 class InvalidTargets(SessionWorkerError, ValueError):
@@ -59,6 +61,8 @@ def _target(index: int, raw: object, defaults: Mapping[str, Any], source: str) -
     if not isinstance(raw, dict):
         raise InvalidTargets(f"{where}: must be a table ([[targets]])")
     name = raw.get("name")
+    if name is None:
+        raise InvalidTargets(f"{where}: name: missing (each [[targets]] needs a unique name)")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidTargets(f"{where}: name: must be 1-128 letters, digits, '_', '-' or '.'")
     where = f"{source}: target {name!r}"
@@ -86,6 +90,23 @@ def _target(index: int, raw: object, defaults: Mapping[str, Any], source: str) -
     return Target(name=name, interval=interval, request=request, domain=domain, fields=fields)
 
 
+def _check_defaults(defaults: Mapping[str, Any], source: str) -> None:
+    """Blame a bad [defaults] value on [defaults], not on the first target that uses it.
+
+    Each field is validated on its own: a combination (credentials with security plain)
+    may be fixed by each target's own fields, so it is judged per target.
+    """
+    where = f"{source}: defaults"
+    for key, value in defaults.items():
+        if key == "interval":
+            _interval(where, value)
+            continue
+        try:
+            parse_request({"host": _DEFAULTS_HOST, key: value})
+        except InvalidRequest as exc:
+            raise InvalidTargets(f"{where}: {exc.field}: {exc.problem}") from None
+
+
 def parse_targets(document: Mapping[str, Any], *, source: str = "targets") -> list[Target]:
     """Validate a parsed targets document; raises InvalidTargets."""
     unknown = set(document) - {"defaults", "targets"}
@@ -94,11 +115,12 @@ def parse_targets(document: Mapping[str, Any], *, source: str = "targets") -> li
     defaults = document.get("defaults", {})
     if not isinstance(defaults, dict):
         raise InvalidTargets(f"{source}: defaults: must be a table ([defaults])")
-    if "interval" in defaults:
-        _interval(f"{source}: defaults", defaults["interval"])
+    _check_defaults(defaults, source)
     raw_targets = document.get("targets", [])
     if not isinstance(raw_targets, list):
         raise InvalidTargets(f"{source}: targets: must be an array of tables ([[targets]])")
+    if not raw_targets:
+        raise InvalidTargets(f"{source}: no targets: add at least one [[targets]] table")
     targets: list[Target] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_targets, start=1):
@@ -122,3 +144,16 @@ def load_targets(path: Path) -> list[Target]:
     except UnicodeDecodeError:
         raise InvalidTargets(f"{path}: not valid TOML (not UTF-8 text)") from None
     return parse_targets(document, source=str(path))
+
+
+def check_target_timeouts(targets: list[Target], max_timeout: float) -> None:
+    """Every configured target's timeout within the worker's maximum; raises InvalidTargets."""
+    for target in targets:
+        item = target.sweep_item()
+        value = item.timeout if isinstance(item, SessionRequest) else item.fields.get("timeout")
+        timeout = float(value) if isinstance(value, int | float) else None
+        if timeout is not None and timeout > max_timeout:
+            raise InvalidTargets(
+                f"target {target.name!r}: timeout: must be at most {max_timeout:g} s "
+                "(SMTP_SESSION_MAX_TIMEOUT)"
+            )

@@ -8,14 +8,16 @@ child talks to it. Every run gets a clean environment (no inherited
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import signal
 from pathlib import Path
 
 import pytest
 import trustme
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.cli import cli_env, log_events, run_cli
+from tests.cli import cli_env, finish_cli, log_events, run_cli, start_cli
 from tests.servers import (
     LOOPBACK,
     RawServerFactory,
@@ -26,7 +28,7 @@ from tests.servers import (
 #: Keeps the child off DNS for its EHLO name (socket.getfqdn may be slow in a sandbox).
 EHLO = ("--ehlo-name", "client.example")
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 # ----------------------------------------------------------------------------- success
@@ -166,6 +168,32 @@ async def test_bracketed_ipv6_address_reaches_the_network(
     assert (outcome["host"], outcome["port"]) == ("::1", port)
     assert outcome["error"] != "invalid_request"
     assert outcome["stage"] != "validate"
+
+
+async def test_ctrl_c_says_interrupted_and_exits_130(
+    raw_server_factory: RawServerFactory, tmp_path: Path
+) -> None:
+    server = await raw_server_factory("silent")
+    started = asyncio.get_running_loop().time()
+    process = await start_cli(
+        "check",
+        f"{server.host}:{server.port}",
+        "--timeout",
+        "60",
+        "--retries",
+        "0",
+        *EHLO,
+        env=cli_env(tmp_path),
+    )
+    # Mid-session: connected, waiting for a greeting that never comes.
+    await server.wait_connections(1)
+    process.send_signal(signal.SIGINT)
+    run = await finish_cli(process, started=started)
+
+    assert run.code == EXIT_INTERRUPTED, run
+    assert run.stderr == "smtp-session: interrupted\n", run
+    assert run.stdout == ""
+    assert run.elapsed < 30.0  # not the 60 s deadline
 
 
 # ----------------------------------------------------------------------------- bad input

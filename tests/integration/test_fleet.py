@@ -160,12 +160,14 @@ async def test_client_validates_submits_and_reads_the_outcome(
     tmp_path: Path,
 ) -> None:
     server = await smtp_server_factory(mode="plain")
-    targets = targets_file(tmp_path / "targets.toml", {})
+    targets = targets_file(tmp_path / "targets.toml", {"unused": server.port})
     await _start(start_worker, celery_client, redis_server, tmp_path, targets)
     queued_before = redis_server.client().llen("celery")
 
     with pytest.raises(InvalidRequest, match="port: input should be less than or equal to 65535"):
         submit(celery_client, host=server.host, port=70000)
+    with pytest.raises(InvalidRequest, match="ca_file: is not accepted from the queue"):
+        submit(celery_client, host=server.host, ca_file="/etc/passwd")
     assert redis_server.client().llen("celery") == queued_before  # nothing was enqueued
 
     task_id = submit(

@@ -435,13 +435,15 @@ async def test_only_the_credentials_reference_travels(
         "credentials": CREDENTIALS_REF,
         "ehlo_name": EHLO_NAME,
     }
+    # On the command line the CA is a file, which enqueue reads and sends as ca_pem.
+    cli_fields = {**tls_fields, "ca_pem": ca_pem_path}
     monitor = redis_server.monitor()
     try:
         # Authenticates: the worker resolved the reference from its own environment.
         run = await run_cli(
             "enqueue",
             f"localhost:{smtp.port}",
-            *(f"--{name.replace('_', '-')}={value}" for name, value in tls_fields.items()),
+            *(f"--{name.replace('_', '-')}={value}" for name, value in cli_fields.items()),
             "--wait",
             "--json",
             env=env,

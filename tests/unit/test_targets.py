@@ -142,9 +142,41 @@ def test_host_target_sweeps_its_request(targets: dict[str, Target]) -> None:
     assert target.sweep_item() is target.request
 
 
-def test_defaults_and_targets_are_optional(tmp_path: Path) -> None:
-    assert load_targets(write(tmp_path, "")) == []
-    assert load_targets(write(tmp_path, "[defaults]\ntimeout = 3\n")) == []
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty-file"),
+        pytest.param("# nothing yet\n", id="comments-only"),
+        pytest.param("[defaults]\ntimeout = 3\n", id="defaults-only"),
+        pytest.param("targets = []\n", id="empty-array"),
+    ],
+)
+def test_a_file_without_targets_is_refused_by_name(tmp_path: Path, text: str) -> None:
+    # A sweep of nothing would say "0 ok, 0 failed" and exit 0; a worker would check nothing.
+    path = write(tmp_path, text)
+    message = refusal(path)
+    assert message.startswith(f"{path}: no targets"), message
+    assert "[[targets]]" in message, message
+
+
+def test_defaults_are_optional(tmp_path: Path) -> None:
+    assert [target.name for target in load_targets(write(tmp_path, ONE_GOOD))] == ["good"]
+
+
+def test_a_combination_in_defaults_is_judged_with_each_targets_own_fields(
+    tmp_path: Path,
+) -> None:
+    # security = "plain" with credentials is refused, but every target here overrides it:
+    # [defaults] is not to blame for a combination that no target has.
+    path = write(
+        tmp_path,
+        '[defaults]\nsecurity = "plain"\ncredentials = "relay"\n'
+        '[[targets]]\nname = "a"\nhost = "a.example.test"\nsecurity = "starttls"\n',
+    )
+    assert load_targets(path)[0].request.credentials == "relay"
+    path = write(tmp_path, path.read_text() + '[[targets]]\nname = "b"\nhost = "b.example.test"\n')
+    message = refusal(path)
+    assert message.startswith(f"{path}: target 'b': credentials: need TLS"), message
 
 
 def test_parse_targets_names_its_source() -> None:
@@ -257,9 +289,16 @@ host = "good.example.test"
         pytest.param(
             ONE_GOOD + '[[targets]]\nhost = "nameless.example.test"\n',
             "target #2",
+            "name: missing",
+            "needs a unique name",
+            id="missing-name-by-index",
+        ),
+        pytest.param(
+            '[[targets]]\nname = 7\nhost = "b.example.test"\n',
+            "target #1",
             "name",
             "letters, digits",
-            id="missing-name-by-index",
+            id="name-not-a-string-by-index",
         ),
         pytest.param(
             '[[targets]]\nname = "has space"\nhost = "b.example.test"\n',
@@ -290,11 +329,12 @@ host = "good.example.test"
             id="host-not-a-valid-name",
         ),
         pytest.param(
-            "[defaults]\nretries = -1\n" + ONE_GOOD,
-            "target 'good'",
-            "retries",
-            "greater than or equal to 0",
-            id="bad-default-named-with-the-target-that-uses-it",
+            '[defaults]\nsecurity = "plain"\n[[targets]]\nname = "c"\nhost = "c.example.test"\n'
+            'credentials = "relay"\n',
+            "target 'c'",
+            "credentials",
+            "need TLS",
+            id="default-that-conflicts-with-the-targets-own-field",
         ),
     ],
 )
@@ -314,6 +354,31 @@ def test_invalid_target_is_named(
         pytest.param('defaults = "fast"\n' + ONE_GOOD, "defaults", "table", id="defaults-string"),
         pytest.param("defaults = [1, 2]\n", "defaults", "table", id="defaults-array"),
         pytest.param("[defaults]\ninterval = 0\n", "defaults: interval", ">= 1", id="default-iv"),
+        # A bad default is the default's fault, not the first target's that uses it.
+        pytest.param(
+            '[defaults]\ntimeout = "ten"\n' + ONE_GOOD,
+            "defaults: timeout: ",
+            "number",
+            id="default-timeout-not-a-number",
+        ),
+        pytest.param(
+            "[defaults]\nretries = -1\n" + ONE_GOOD,
+            "defaults: retries: ",
+            "greater than or equal to 0",
+            id="default-retries-negative",
+        ),
+        pytest.param(
+            '[defaults]\nname = "shared"\n' + ONE_GOOD,
+            "defaults: name: ",
+            "unknown field",
+            id="default-name-is-not-a-default",
+        ),
+        pytest.param(
+            "[defaults]\ntimeout = 0\n",
+            "defaults: timeout: ",
+            "greater than 0",
+            id="bad-default-before-no-targets",
+        ),
         pytest.param('targets = "x"\n', "targets", "array of tables", id="targets-not-array"),
         pytest.param("targets = [1]\n", "target #1", "table", id="target-not-a-table"),
         pytest.param("[target]\nx = 1\n", "unknown top-level key 'target'", "", id="unknown-key"),

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smtp_session.worker.app import check_target_timeouts
-from smtp_session.worker.targets import InvalidTargets, load_targets
+from smtp_session.worker.targets import InvalidTargets, check_target_timeouts, load_targets
 
 
 def test_a_target_timeout_above_the_workers_maximum_stops_the_start(tmp_path: Path) -> None:
