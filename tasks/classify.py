@@ -22,12 +22,66 @@ from aiosmtplib import (
 )
 
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
+from smtp_session.tasks.secrets import Credentials, redact
 
-# OpenSSL X509_V_ERR_* codes; the native verifiers on Windows and macOS map to these.
+# OpenSSL X509_V_ERR_* codes: what `ssl` reports in `verify_code`, here and with
+# truststore on Linux (which verifies with OpenSSL).
 CERT_NOT_YET_VALID = 9
 CERT_HAS_EXPIRED = 10
 HOSTNAME_MISMATCH = 62
 IP_ADDRESS_MISMATCH = 64
+_OPENSSL_CATEGORIES = {
+    CERT_NOT_YET_VALID: ErrorCategory.TLS_EXPIRED,
+    CERT_HAS_EXPIRED: ErrorCategory.TLS_EXPIRED,
+    HOSTNAME_MISMATCH: ErrorCategory.TLS_HOSTNAME,
+    IP_ADDRESS_MISMATCH: ErrorCategory.TLS_HOSTNAME,
+}
+
+
+@dataclass(frozen=True)
+class PlatformCode:
+    """A native verifier's error code, what it means here, and OpenSSL's equivalent."""
+
+    platform: str
+    name: str
+    code: int
+    category: ErrorCategory
+    openssl: int | None = None  # the X509_V_ERR_* code with the same meaning, if any
+
+
+# truststore verifies with the system's verifier on macOS and Windows, and does not
+# translate its errors: it raises ssl.SSLCertVerificationError with `verify_code` set
+# to the platform's code and `verify_message` to the platform's text (the code is not in
+# the text). macOS 10.14+: the CFError code of SecTrustEvaluateWithError, an OSStatus
+# from SecBase.h (negative). Windows: CERT_CHAIN_POLICY_STATUS.dwError, an HRESULT from
+# winerror.h, as an unsigned 32-bit DWORD. Neither range meets OpenSSL's small positive
+# codes. macOS 10.13 and earlier report a SecTrustResultType (0-7) that names no cause:
+# those stay tls_untrusted. A code not listed is tls_untrusted.
+_E_EXPIRED, _E_HOST, _E_UNTRUSTED = (
+    ErrorCategory.TLS_EXPIRED,
+    ErrorCategory.TLS_HOSTNAME,
+    ErrorCategory.TLS_UNTRUSTED,
+)
+PLATFORM_CODES = (
+    PlatformCode("macOS", "errSecCertificateExpired", -67818, _E_EXPIRED, CERT_HAS_EXPIRED),
+    PlatformCode("macOS", "errSecCertificateNotValidYet", -67819, _E_EXPIRED, CERT_NOT_YET_VALID),
+    PlatformCode("macOS", "errSecHostNameMismatch", -67602, _E_HOST, HOSTNAME_MISMATCH),
+    PlatformCode("macOS", "errSecNotTrusted", -67843, _E_UNTRUSTED),
+    PlatformCode("macOS", "errSecCreateChainFailed", -25318, _E_UNTRUSTED),
+    PlatformCode("macOS", "errSecTrustSettingDeny", -67654, _E_UNTRUSTED),
+    PlatformCode("macOS", "errSecCertificateRevoked", -67820, _E_UNTRUSTED),
+    # "Not within its validity period": expired and not yet valid alike; expired is the
+    # common case, and the certificate's dates tell which.
+    PlatformCode("Windows", "CERT_E_EXPIRED", 0x800B0101, _E_EXPIRED, CERT_HAS_EXPIRED),
+    PlatformCode("Windows", "CERT_E_CN_NO_MATCH", 0x800B010F, _E_HOST, HOSTNAME_MISMATCH),
+    PlatformCode("Windows", "CERT_E_UNTRUSTEDROOT", 0x800B0109, _E_UNTRUSTED),
+    PlatformCode("Windows", "CERT_E_CHAINING", 0x800B010A, _E_UNTRUSTED),
+    PlatformCode("Windows", "CERT_E_UNTRUSTEDCA", 0x800B0112, _E_UNTRUSTED),
+    PlatformCode("Windows", "TRUST_E_CERT_SIGNATURE", 0x80096004, _E_UNTRUSTED),
+    PlatformCode("Windows", "CERT_E_REVOKED", 0x800B010C, _E_UNTRUSTED),
+    PlatformCode("Windows", "CRYPT_E_REVOKED", 0x80092010, _E_UNTRUSTED),
+)
+_BY_CODE = {row.code: row for row in PLATFORM_CODES}
 
 MAX_QUOTED_REPLY = 120
 _E = TypeVar("_E", bound=BaseException)
@@ -57,6 +111,7 @@ class Failure:
     stage: Stage
     smtp_code: int | None = None
     smtp_enhanced: str | None = None
+    # OpenSSL's X509_V_ERR_* code; a native verifier's code when OpenSSL has no equivalent.
     verify_code: int | None = None
 
     @property
@@ -104,8 +159,10 @@ def _reply_failure(
     )
 
 
-def _classify_reply(exc: SMTPResponseException, stage: Stage) -> Failure:
-    code, text = exc.code, exc.message
+def _classify_reply(
+    exc: SMTPResponseException, stage: Stage, credentials: Credentials | None
+) -> Failure:
+    code, text = exc.code, redact(exc.message, credentials)
     if code < 0:
         # aiosmtplib's code for a reply that is not SMTP at all.
         return Failure(
@@ -128,23 +185,41 @@ def _classify_reply(exc: SMTPResponseException, stage: Stage) -> Failure:
     return _reply_failure(ErrorCategory.PROTOCOL, stage, code, text, "unexpected reply: ")
 
 
+def platform_code(code: int | None) -> PlatformCode | None:
+    """The row for a native verifier's code; an HRESULT read as signed is found too."""
+    if code is None:
+        return None
+    return _BY_CODE.get(code) or _BY_CODE.get(code & 0xFFFF_FFFF)
+
+
 def _classify_certificate(exc: ssl.SSLCertVerificationError, stage: Stage) -> Failure:
-    code = exc.verify_code
-    detail = exc.verify_message or exc.reason or str(exc)
-    if code in (CERT_HAS_EXPIRED, CERT_NOT_YET_VALID):
-        category = ErrorCategory.TLS_EXPIRED
-    elif code in (HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH):
-        category = ErrorCategory.TLS_HOSTNAME
+    # truststore raises some without a code ("Peer sent no certificates to verify").
+    code: int | None = getattr(exc, "verify_code", None)
+    text = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else str(exc)
+    detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or text
+    native = platform_code(code)
+    if native is not None:
+        detail = f"{detail} ({native.platform} {native.name})"
+        category, code = native.category, native.openssl or code
     else:
-        category = ErrorCategory.TLS_UNTRUSTED
+        category = _OPENSSL_CATEGORIES.get(code or 0, ErrorCategory.TLS_UNTRUSTED)
     return Failure(category, f"certificate verify failed: {detail}", stage, verify_code=code)
 
 
-def classify(exc: BaseException, stage: Stage, *, host: str, endpoint: str) -> Failure:
+def classify(
+    exc: BaseException,
+    stage: Stage,
+    *,
+    host: str,
+    endpoint: str,
+    credentials: Credentials | None = None,
+) -> Failure:
     """Classify what ended a connection at `stage`.
 
     Timeouts are not handled here: the caller knows how long the stage ran.
     Anything not recognised is INTERNAL, a bug the caller logs with its traceback.
+    `credentials`: the secret this connection sent, redacted from the server's words
+    before they are cut and cleaned into the message (a server may echo AUTH).
     """
     if isinstance(exc, SessionFailure):
         return Failure(exc.category, exc.message, stage, smtp_code=exc.smtp_code)
@@ -156,7 +231,7 @@ def classify(exc: BaseException, stage: Stage, *, host: str, endpoint: str) -> F
     if (dns_error := _find(exc, socket.gaierror)) is not None:
         return Failure(ErrorCategory.DNS, f"could not resolve {host}: {dns_error.strerror}", stage)
     if (reply := _find(exc, SMTPResponseException)) is not None:
-        return _classify_reply(reply, stage)
+        return _classify_reply(reply, stage, credentials)
     lost = _find(exc, SMTPServerDisconnected) or _find(exc, ConnectionError)
     if lost is not None or isinstance(exc, OSError):
         if stage in _BEFORE_GREETING:
@@ -179,7 +254,9 @@ def classify(exc: BaseException, stage: Stage, *, host: str, endpoint: str) -> F
         during = STAGE_ACTIVITY[stage].replace("while waiting for", "during")
         return Failure(ErrorCategory.DISCONNECTED, f"server closed the connection {during}", stage)
     if (smtp_error := _find(exc, SMTPException)) is not None:
-        return Failure(ErrorCategory.PROTOCOL, quote_reply(smtp_error.message), stage)
+        return Failure(
+            ErrorCategory.PROTOCOL, quote_reply(redact(smtp_error.message, credentials)), stage
+        )
     return Failure(
         ErrorCategory.INTERNAL,
         f"internal error ({type(exc).__name__}); the worker log has the traceback",

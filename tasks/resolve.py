@@ -15,8 +15,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from aiohappyeyeballs import AddrInfoType, start_connection
+
 AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
 LOCAL_NAME_TIMEOUT = 2.0  # then EHLO says the plain host name instead of the FQDN
+#: RFC 8305 §5 "Connection Attempt Delay": its recommended 250 ms before the next address.
+HAPPY_EYEBALLS_DELAY = 0.25
 
 _T = TypeVar("_T")
 _local_name: list[str] = []
@@ -87,31 +91,35 @@ async def local_hostname() -> str:
 async def connect_first(
     addresses: list[AddressInfo], deadline: float, tried: list[str]
 ) -> socket.socket:
-    """A non-blocking socket connected to the first address that answers by `deadline`.
+    """A non-blocking socket connected to the first of `addresses` to answer by `deadline`.
 
-    Each address gets an equal share of the time left (the last one all of it), so an
-    address that silently drops packets (an IPv6 route that goes nowhere) does not starve
-    the others. Every address tried is appended to `tried`.
+    Happy eyeballs (RFC 8305, by aiohappyeyeballs): IPv6 and IPv4 interleaved, a new
+    attempt every HAPPY_EYEBALLS_DELAY s (at once when one fails), earlier attempts kept
+    going, so a slow address is not abandoned for a dead one; every loser is closed. Only
+    these addresses are connected to: nothing is looked up again (the egress policy
+    checked exactly these). Each address is appended to `tried` as its attempt starts;
+    the one connected to is moved to the end, so `tried[-1]` names it, or on failure the
+    last address tried. Raises TimeoutError at `deadline`, else the attempts' OSError.
     """
-    loop = asyncio.get_running_loop()
-    last_error: OSError = OSError("no address to connect to")
-    for index, (family, kind, proto, _name, sockaddr) in enumerate(addresses):
+    if not addresses:
+        raise OSError("no address to connect to")
+    started: dict[socket.socket, str] = {}  # each attempt's socket → its address
+
+    def new_socket(info: AddrInfoType) -> socket.socket:
+        family, kind, proto, _name, sockaddr = info
         tried.append(str(sockaddr[0]))
-        share = (deadline - loop.time()) / (len(addresses) - index)
-        sock: socket.socket | None = None
-        try:
-            sock = socket.socket(family, kind, proto)  # EAFNOSUPPORT: on to the next one
-            sock.setblocking(False)
-            async with asyncio.timeout(max(share, 0.0)):
-                await loop.sock_connect(sock, sockaddr)
-        except OSError as exc:  # refused, unreachable, timed out (TimeoutError is an OSError)
-            if sock is not None:
-                sock.close()
-            last_error = exc
-            continue
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
+        sock = socket.socket(family, kind, proto)
+        started[sock] = tried[-1]
         return sock
-    raise last_error
+
+    async with asyncio.timeout_at(deadline):
+        sock = await start_connection(
+            addresses,
+            happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+            interleave=1,
+            socket_factory=new_socket,
+        )
+    winner = started[sock]
+    tried.remove(winner)
+    tried.append(winner)
+    return sock

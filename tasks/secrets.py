@@ -6,7 +6,7 @@ import base64
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,26 +81,87 @@ def resolve_credentials(name: str, environ: Mapping[str, str] | None = None) -> 
     return _parse(name, value)
 
 
-def _secret_forms(credentials: Credentials) -> list[str]:
-    """The secret as written and as AUTH PLAIN, LOGIN and XOAUTH2 put it on the wire."""
-    forms: list[str] = []
-    user = credentials.username
+# What `redact` hides. A raw secret is hidden wherever it appears once it is at least
+# MIN_BARE_SECRET characters long; a shorter one (a 1-character test password) only where
+# it stands alone, touching no letter or digit, so that "p" leaves "other.example" alone.
+# The encodings AUTH puts on the wire are long and unmistakable: any run of at least
+# MIN_FRAGMENT characters of one (or of a raw secret) is hidden too, which covers an echo
+# the server itself cut short. A shorter piece of an encoding decodes to at most a few
+# bytes: of `\0user\0`, for AUTH PLAIN.
+MIN_BARE_SECRET = 4
+MIN_FRAGMENT = 8
+REDACTED = "[redacted]"
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@dataclass(frozen=True)
+class SecretForms:
+    """The secret as written (`raw`) and as AUTH puts it on the wire (`encoded`)."""
+
+    raw: tuple[str, ...]
+    encoded: tuple[str, ...]
+
+
+def secret_forms(credentials: Credentials) -> SecretForms:
+    """The password or token, and its base64 in AUTH PLAIN (RFC 4616), LOGIN and XOAUTH2."""
+    user, raw, encoded = credentials.username, [], []
     if credentials.password:
-        forms += [
-            credentials.password,
-            base64.b64encode(f"\0{user}\0{credentials.password}".encode()).decode(),
-            base64.b64encode(credentials.password.encode()).decode(),
-        ]
+        raw.append(credentials.password)
+        encoded += [_b64(f"\0{user}\0{credentials.password}"), _b64(credentials.password)]
     if credentials.oauth2_token:
-        blob = f"user={user}\x01auth=Bearer {credentials.oauth2_token}\x01\x01"
-        forms += [credentials.oauth2_token, base64.b64encode(blob.encode()).decode()]
-    return sorted(forms, key=len, reverse=True)
+        raw.append(credentials.oauth2_token)
+        encoded.append(_b64(f"user={user}\x01auth=Bearer {credentials.oauth2_token}\x01\x01"))
+    return SecretForms(tuple(raw), tuple(encoded))
+
+
+def _occurrences(text: str, form: str, *, alone: bool) -> Iterator[tuple[int, int]]:
+    """Where `form` occurs in `text`; with `alone`, only where no letter or digit touches it."""
+    start = text.find(form)
+    while start >= 0:
+        end = start + len(form)
+        if not alone or not (
+            (start > 0 and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum())
+        ):
+            yield start, end
+        start = text.find(form, start + 1)
+
+
+def _secret_spans(text: str, forms: SecretForms) -> Iterator[tuple[int, int]]:
+    fragments: set[str] = set()
+    for form in (*forms.raw, *forms.encoded):
+        if len(form) >= MIN_FRAGMENT:
+            fragments.update(
+                form[i : i + MIN_FRAGMENT] for i in range(len(form) - MIN_FRAGMENT + 1)
+            )
+        else:
+            alone = form in forms.raw and len(form) < MIN_BARE_SECRET
+            yield from _occurrences(text, form, alone=alone)
+    for start in range(len(text) - MIN_FRAGMENT + 1):
+        if text[start : start + MIN_FRAGMENT] in fragments:
+            yield start, start + MIN_FRAGMENT
 
 
 def redact(text: str, credentials: Credentials | None) -> str:
-    """`text` with any form of the secret replaced: a server may echo what it was sent."""
-    if credentials is None:
+    """`text` with every form of the secret replaced: a server may echo what it was sent.
+
+    Apply it to what the server sent, before that is cut or cleaned for a log line: a cut
+    can leave a piece too short to recognise, cleaning can change it. Overlapping and
+    adjacent matches become one `[redacted]`.
+    """
+    if credentials is None or not text:
         return text
-    for form in _secret_forms(credentials):
-        text = text.replace(form, "[redacted]")
-    return text
+    spans = sorted(_secret_spans(text, secret_forms(credentials)))
+    if not spans:
+        return text
+    pieces, position = [], 0
+    for start, end in spans:
+        if start > position:
+            pieces += [text[position:start], REDACTED]
+        elif not pieces:
+            pieces.append(REDACTED)
+        position = max(position, end)
+    pieces.append(text[position:])
+    return "".join(pieces)

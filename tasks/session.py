@@ -38,7 +38,7 @@ from smtp_session.tasks.request import (
     parse_request,
 )
 from smtp_session.tasks.resolve import AddressInfo, connect_first, local_hostname, resolve
-from smtp_session.tasks.secrets import Credentials, redact, resolve_credentials
+from smtp_session.tasks.secrets import Credentials, resolve_credentials
 from smtp_session.tasks.trust import (
     TrustMode,
     fetch_unverified_certificate,
@@ -165,6 +165,7 @@ class _Connection:
                 host=self.request.connect_host,
                 endpoint=f"{self.address or self.request.connect_host} port "
                 f"{self.request.effective_port}",
+                credentials=self.credentials,
             )
             if failure.category is ErrorCategory.INTERNAL:
                 # The traceback as text, never with local variables (they can hold the
@@ -464,7 +465,6 @@ async def run_attempt(
     message, hint = ("", None)
     if failure is not None:
         message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
-        message = redact(message, credentials)
     return Outcome(
         ok=failure is None,
         err_message=message,

@@ -12,7 +12,7 @@ import dns.asyncresolver
 from pydantic import BaseModel, ConfigDict
 
 from smtp_session.tasks.contract import attempt_time_limit
-from smtp_session.tasks.discovery import MAX_DISCOVERED, discover
+from smtp_session.tasks.discovery import MAX_DISCOVERED, QUERY_ROUNDS, discover
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import Outcome
@@ -36,7 +36,8 @@ from smtp_session.tasks.trust_memory import TrustMemory
 
 @dataclass(frozen=True)
 class DomainCheck:
-    """A target given as a mail domain: its hosts are discovered (SRV, then MX) when checked.
+    """A target given as a mail domain: its hosts are discovered (submission SRV records,
+    then MX, then the domain's own address) when checked.
 
     Each discovered host becomes a session of its own, with `fields` as its request.
     """
@@ -67,10 +68,10 @@ def time_limit(item: SweepItem, *, concurrency: int) -> float:
     timeout, retries = item.fields.get("timeout"), item.fields.get("retries")
     timeout = float(timeout) if isinstance(timeout, int | float) else DEFAULT_TIMEOUT
     retries = retries if isinstance(retries, int) else DEFAULT_RETRIES
-    # Two queries (SRV, then MX), each bounded by the timeout; then the hosts, as many at
-    # once as the concurrency allows.
+    # The discovery queries (SRV twice, MX, the address records), each bounded by the
+    # timeout; then the hosts, as many at once as the concurrency allows.
     rounds = math.ceil(MAX_DISCOVERED / concurrency)
-    return 2 * timeout + rounds * request_time_limit(timeout, retries)
+    return QUERY_ROUNDS * timeout + rounds * request_time_limit(timeout, retries)
 
 
 class SweepSummary(BaseModel):
@@ -146,7 +147,17 @@ class _Sweep:
             )
             report(outcome, final=True, observers=self.observers)
             return [self._done(outcome)]
-        requests = [{"port": found.port, **check.fields, "host": found.host} for found in hosts]
+        # What discovery found (the port, and implicit TLS for _submissions), unless the
+        # target itself says otherwise.
+        requests = [
+            {
+                "port": found.port,
+                **({"security": found.security} if found.security is not None else {}),
+                **check.fields,
+                "host": found.host,
+            }
+            for found in hosts
+        ]
         return list(await asyncio.gather(*(self.session(request) for request in requests)))
 
     async def item(self, item: SweepItem) -> list[Outcome]:

@@ -16,6 +16,9 @@ from smtp_session.tasks.sweep import DomainCheck, SweepItem
 DEFAULT_INTERVAL = 60.0
 MIN_INTERVAL = 1.0
 _TARGET_ONLY = ("name", "interval", "domain")
+#: What discovery finds for each host of a domain target (the SRV port and the security
+#: its service implies): a [defaults] value must not override it; the target's own may.
+_DISCOVERED = ("port", "security")
 #: Stands in for the host while a [defaults] field is validated on its own.
 _DEFAULTS_HOST = "defaults.invalid"
 
@@ -29,7 +32,9 @@ class Target:
     """One configured target: a request template, checked every `interval` seconds.
 
     `domain` targets have no host of their own: their hosts are discovered (SRV, then MX)
-    when they are checked, and `request` holds the domain as a placeholder host.
+    when they are checked, and `request` holds the domain as a placeholder host. The port
+    and security of each discovered host come from discovery unless the target sets its
+    own: `[defaults]` `port` and `security` do not apply to domain targets.
     """
 
     name: str
@@ -74,7 +79,8 @@ def _target(index: int, raw: object, defaults: Mapping[str, Any], source: str) -
     if domain is not None and not isinstance(domain, str):
         raise InvalidTargets(f"{where}: domain: must be a string")
     interval = _interval(where, raw.get("interval", defaults.get("interval", DEFAULT_INTERVAL)))
-    fields = {key: value for key, value in defaults.items() if key != "interval"}
+    skipped = ("interval", *_DISCOVERED) if domain is not None else ("interval",)
+    fields = {key: value for key, value in defaults.items() if key not in skipped}
     fields |= {key: value for key, value in raw.items() if key not in _TARGET_ONLY}
     fields["target"] = name
     if domain is not None:

@@ -11,25 +11,39 @@ sent the secret (and so could not leak it) would fail here too.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
+import ssl
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 import structlog
+import trustme
 from structlog.tracebacks import ExceptionDictTransformer
 
+from smtp_session.tasks.classify import MAX_QUOTED_REPLY
 from smtp_session.tasks.errors import InvalidRequest
-from smtp_session.tasks.secrets import SECRETS_DIR_VARIABLE, env_variable
+from smtp_session.tasks.secrets import REDACTED, SECRETS_DIR_VARIABLE, Credentials, env_variable
 from smtp_session.tasks.session import open_session, prepare
 from tests.cli import cli_env, log_events, run_cli
 from tests.integration.test_cli_check import EHLO
-from tests.servers import SmtpMode, SmtpServer, SmtpServerFactory
+from tests.servers import (
+    LOOPBACK,
+    WAIT_TIMEOUT,
+    WRONG_HOST,
+    SmtpMode,
+    SmtpServer,
+    SmtpServerFactory,
+    server_ssl_context,
+)
+from tests.unit.test_redaction import leaked
 
 USER = "alice@example.com"
 # Letters, digits and '-' only: no renderer (JSON, repr, console) escapes them, so a
@@ -351,3 +365,154 @@ async def test_cli_malformed_secret_file_never_shows_the_secret(
     assert "session.result" in [event.get("event") for event in log_events(run.stderr)]
     assert leaks(run.stdout) == []
     assert leaks(run.stderr) == []
+
+
+# ----------------------------------------------------------------------------- echoing server
+
+#: Builds a 535 reply's lines from the AUTH lines the client sent.
+EchoReply = Callable[[list[str]], list[str]]
+
+
+def _decoded(line: str) -> str:
+    return base64.b64decode(line.rsplit(" ", 1)[-1]).decode()
+
+
+def echo_everything(sent: list[str]) -> list[str]:
+    """What a chatty server might say: the command lines, then what they decode to."""
+    return ["5.7.8 Authentication failed", *sent, *map(_decoded, sent)]
+
+
+@dataclass
+class EchoAuthServer:
+    """A raw asyncio SMTP server over implicit TLS on loopback: it offers `mechanisms`
+    and answers AUTH with a 535 whose lines `reply` builds from what the client sent."""
+
+    reply: EchoReply
+    mechanisms: str
+    port: int = 0
+    auth_lines: list[str] | None = None
+    sessions: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (task := asyncio.current_task()) is not None:
+            self.sessions.add(task)
+        sent: list[str] = []
+        try:
+            writer.write(b"220 localhost ESMTP echo\r\n")
+            while line := (await reader.readline()).decode().rstrip("\r\n"):
+                verb = line.split(" ", 1)[0].upper()
+                if verb == "EHLO":
+                    answer = ["250-localhost", f"250 AUTH {self.mechanisms}"]
+                elif verb == "QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                elif verb == "AUTH" and line.split()[1:2] == ["LOGIN"]:
+                    sent = [line]
+                    answer = ["334 UGFzc3dvcmQ6"]  # "Password:"
+                else:
+                    sent.append(line)
+                    self.auth_lines = list(sent)
+                    lines = self.reply(sent)
+                    answer = [f"535-{text}" for text in lines[:-1]] + [f"535 {lines[-1]}"]
+                writer.write("".join(f"{text}\r\n" for text in answer).encode())
+                await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def echo_auth_server(
+    cert: trustme.LeafCert, reply: EchoReply, mechanisms: str = "PLAIN LOGIN XOAUTH2"
+) -> AsyncIterator[EchoAuthServer]:
+    echo = EchoAuthServer(reply, mechanisms)
+    server = await asyncio.start_server(echo.handle, LOOPBACK, 0, ssl=server_ssl_context(cert))
+    async with server:
+        echo.port = server.sockets[0].getsockname()[1]
+        try:
+            yield echo
+        finally:
+            # The sessions end before the test does; one that hangs is cancelled here.
+            pending: set[asyncio.Task[Any]] = set()
+            if echo.sessions:
+                _, pending = await asyncio.wait(echo.sessions, timeout=WAIT_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def open_echo_session(
+    echo: EchoAuthServer, secret: str, ca_pem_path: str
+) -> tuple[dict[str, Any], str]:
+    """The Outcome of a session against `echo`, and every log event, as text."""
+    fields = {
+        "host": LOOPBACK,
+        "port": echo.port,
+        "security": "tls",
+        "trust": "portable",
+        "credentials": REFERENCE,
+        "ca_file": ca_pem_path,
+        "timeout": CLIENT_TIMEOUT,
+        "retries": 0,
+        "ehlo_name": EHLO[1],
+    }
+    with structlog.testing.capture_logs() as events:
+        outcome = await open_session(fields, environ={env_variable(REFERENCE): secret})
+    assert outcome.error == "auth_failed", outcome
+    assert echo.auth_lines, "the server saw no AUTH"
+    return outcome.to_dict(), repr(events)
+
+
+@pytest.mark.parametrize(
+    ("mechanisms", "secret"),
+    [
+        ("PLAIN LOGIN", PASSWORD_SECRET),
+        ("LOGIN", PASSWORD_SECRET),
+        ("XOAUTH2", TOKEN_SECRET),
+        ("PLAIN", f"{USER}:{'Tr0ub4dor&3-correct-horse-battery-staple-' * 2}"),
+    ],
+)
+async def test_a_server_echoing_auth_in_its_535_leaks_nothing(
+    mechanisms: str, secret: str, good_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    async with echo_auth_server(good_cert, echo_everything, mechanisms) as echo:
+        outcome, events = await open_echo_session(echo, secret, ca_pem_path)
+    parsed = json.loads(secret) if secret.startswith("{") else None
+    credentials = (
+        Credentials(USER, oauth2_token=parsed["oauth2_token"])
+        if parsed
+        else Credentials(*secret.split(":", 1))
+    )
+    assert outcome["err_message"].startswith("535 5.7.8 Authentication failed / AUTH ")
+    assert REDACTED in outcome["err_message"]
+    assert leaked(outcome["err_message"], credentials) == []
+    assert leaked(events, credentials) == []
+
+
+async def test_a_one_character_password_hides_only_itself(
+    good_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    def refuse(sent: list[str]) -> list[str]:
+        return [f"5.7.8 {WRONG_HOST} refused p"]
+
+    async with echo_auth_server(good_cert, refuse) as echo:
+        outcome, _ = await open_echo_session(echo, f"{USER}:p", ca_pem_path)
+    assert outcome["err_message"] == f"535 5.7.8 {WRONG_HOST} refused {REDACTED}"
+
+
+async def test_a_password_across_the_cut_is_hidden_before_the_cut(
+    good_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    """The decoded PLAIN payload placed so that the cut leaves the password's first 7
+    characters: too short to recognise once cut, whole before."""
+    head = f"5.7.8 rejected ?{USER}?"
+    pad = "x" * (MAX_QUOTED_REPLY - len(head) - len("Hunter2"))
+
+    def echo_decoded(sent: list[str]) -> list[str]:
+        return [f"5.7.8 rejected {pad}{_decoded(sent[0])}"]
+
+    async with echo_auth_server(good_cert, echo_decoded, "PLAIN") as echo:
+        outcome, events = await open_echo_session(echo, PASSWORD_SECRET, ca_pem_path)
+    assert "Hunter2" not in outcome["err_message"]
+    assert "Hunter2" not in events

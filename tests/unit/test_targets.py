@@ -128,13 +128,58 @@ def test_domain_target_keeps_its_fields_for_each_discovered_host(
     item = mx.sweep_item()
     assert isinstance(item, DomainCheck)
     assert item.domain == "example.test"
+    # [defaults] security is left out: each discovered host's comes from discovery.
     assert dict(item.fields) == {
-        "security": "starttls",
         "trust": "portable",
         "timeout": 7.5,
         "retries": 1,
         "target": "example-mx",
     }
+
+
+def test_defaults_port_and_security_do_not_apply_to_domain_targets(tmp_path: Path) -> None:
+    # Discovery finds each host's port (SRV) and security (_submissions: implicit TLS);
+    # a [defaults] value would override them for every host. Host targets still get them.
+    path = write(
+        tmp_path,
+        """
+        [defaults]
+        port = 587
+        security = "tls"
+        timeout = 4
+        [[targets]]
+        name = "host"
+        host = "a.example.test"
+        [[targets]]
+        name = "dom"
+        domain = "example.test"
+        """,
+    )
+    host, domain = load_targets(path)
+    assert (host.request.port, host.request.security) == (587, "tls")
+    item = domain.sweep_item()
+    assert isinstance(item, DomainCheck)
+    assert dict(item.fields) == {"timeout": 4, "target": "dom"}
+
+
+def test_a_domain_targets_own_port_and_security_are_kept(tmp_path: Path) -> None:
+    # The operator's explicit choice for this domain wins over what discovery finds.
+    path = write(
+        tmp_path,
+        """
+        [defaults]
+        port = 587
+        [[targets]]
+        name = "dom"
+        domain = "example.test"
+        port = 2525
+        security = "starttls"
+        """,
+    )
+    (domain,) = load_targets(path)
+    item = domain.sweep_item()
+    assert isinstance(item, DomainCheck)
+    assert dict(item.fields) == {"port": 2525, "security": "starttls", "target": "dom"}
 
 
 def test_host_target_sweeps_its_request(targets: dict[str, Target]) -> None:

@@ -1,0 +1,92 @@
+"""connect_first: happy eyeballs over the addresses already resolved, on loopback.
+
+Every address here refuses at once (a port bound but not listening), so the attempts
+run back to back and the tests take milliseconds; tests/integration/test_happy_eyeballs.py
+has the addresses that hang or answer late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from smtp_session.tasks.resolve import AddressInfo, connect_first, literal_address
+
+pytestmark = pytest.mark.filterwarnings("error::ResourceWarning")
+BUDGET = 5.0  # never reached here: refusals are immediate
+
+
+@contextlib.contextmanager
+def refusing(*hosts: str) -> Iterator[list[AddressInfo]]:
+    """The address of a port bound (port 0) but not listening on each host: it refuses."""
+    with contextlib.ExitStack() as stack:
+        addresses: list[AddressInfo] = []
+        for host in hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            found = literal_address(host, sock.getsockname()[1])
+            assert found is not None
+            addresses += found
+        yield addresses
+
+
+def deadline(seconds: float = BUDGET) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def test_all_refused_raises_refused_and_names_the_last_address() -> None:
+    tried: list[str] = []
+    with (
+        refusing("127.0.0.2", "127.0.0.3", "127.0.0.4") as addresses,
+        pytest.raises(ConnectionRefusedError) as raised,
+    ):
+        await connect_first(addresses, deadline(), tried)
+    assert raised.value.errno == errno.ECONNREFUSED
+    assert tried == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]  # tried[-1]: the last one
+
+
+async def test_ipv6_and_ipv4_are_interleaved() -> None:
+    """Resolver order v6, v6, v4, v4 is tried v6, v4, v6, v4 (RFC 8305 §4)."""
+    tried: list[str] = []
+    with (
+        refusing("::1", "::1", "127.0.0.1", "127.0.0.2") as addresses,
+        pytest.raises(ConnectionRefusedError),
+    ):
+        await connect_first(addresses, deadline(), tried)
+    assert tried == ["::1", "127.0.0.1", "::1", "127.0.0.2"]
+
+
+async def test_connects_past_a_refusal_without_a_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal starts the next attempt at once; only the given addresses are used."""
+
+    def no_lookup(*args: object) -> None:
+        raise AssertionError(f"connect_first looked a name up again: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    server = await asyncio.start_server(lambda _r, w: w.close(), "::1", 0)
+    tried: list[str] = []
+    try:
+        with refusing("127.0.0.2") as refused:
+            healthy = literal_address("::1", server.sockets[0].getsockname()[1])
+            assert healthy is not None
+            started = asyncio.get_running_loop().time()
+            sock = await connect_first(refused + healthy, deadline(), tried)
+            elapsed = asyncio.get_running_loop().time() - started
+        with sock:
+            assert sock.getpeername()[0] == "::1"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert tried == ["127.0.0.2", "::1"]
+    assert elapsed < 0.2  # not the 0.25 s attempt delay: the refusal moved on at once
+
+
+async def test_no_address_is_an_os_error() -> None:
+    with pytest.raises(OSError, match="no address to connect to"):
+        await connect_first([], deadline(), [])
