@@ -210,6 +210,27 @@ def _started(task: Task) -> float:
     return float(started) if isinstance(started, int | float) else time.time()
 
 
+def _arguments_problem(
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, allowed: set[str], required: set[str]
+) -> InvalidRequest | None:
+    """What is wrong with a task call's arguments (a caller's input: never a TypeError)."""
+    if args:
+        return InvalidRequest("request", f"arguments go in kwargs, not in args (got {len(args)})")
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        return InvalidRequest(unknown[0][:64], "unknown field")
+    missing = sorted(required - set(kwargs))
+    if missing:
+        return InvalidRequest(missing[0], "is required")
+    return None
+
+
+def _refused(problem: InvalidRequest) -> Outcome:
+    outcome = rejected(problem, {})
+    report(outcome, final=True, observers=(LOG,))
+    return outcome
+
+
 def _unknown_target(name: object) -> Outcome:
     problem = InvalidRequest("name", f"no target {name!r} in the targets file")
     outcome = rejected(problem, {})
@@ -242,11 +263,15 @@ def open_session_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
 
 
 @_task(name=CHECK_TARGET_TASK)  # type: ignore[untyped-decorator]  # celery is untyped
-def check_target_task(self: Task, name: str) -> dict[str, Any]:
-    """Check one configured target; returns its Outcome dict.
+def check_target_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Check one configured target (kwarg `name`); returns its Outcome dict.
 
     A target given as a mail domain returns the sweep summary of its discovered hosts.
     """
+    problem = _arguments_problem(args, kwargs, allowed={"name"}, required={"name"})
+    if problem is not None:
+        return _refused(problem).to_dict()
+    name = kwargs["name"]
     item = _targets(self.app).get(name) if isinstance(name, str) else None
     if item is None:
         return _unknown_target(name).to_dict()
@@ -264,14 +289,19 @@ def _fields(request: SessionRequest) -> dict[str, Any]:
 # outlast Redis's redelivery timeout, which would hand it to a second worker while the
 # first still runs it. A worker killed mid-sweep loses that sweep; run it again.
 @_task(name=SWEEP_TASK, acks_late=False)  # type: ignore[untyped-decorator]  # celery is untyped
-def sweep_task(self: Task, names: list[str] | None = None) -> dict[str, Any]:
-    """Check the named targets (default: all) concurrently in this process."""
+def sweep_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Check the named targets (kwarg `names`, default all) concurrently in this process."""
     targets = _targets(self.app)
-    if names is not None and (
-        not isinstance(names, list) or not all(isinstance(name, str) for name in names)
+    problem = _arguments_problem(args, kwargs, allowed={"names"}, required=set())
+    names = kwargs.get("names")
+    if (
+        problem is None
+        and names is not None
+        and (not isinstance(names, list) or not all(isinstance(name, str) for name in names))
     ):
-        outcome = rejected(InvalidRequest("names", "must be a list of target names"), {})
-        report(outcome, final=True, observers=(LOG,))
+        problem = InvalidRequest("names", "must be a list of target names")
+    if problem is not None:
+        outcome = _refused(problem)
         return SweepSummary(total=1, ok=0, failed=1, duration_s=0.0, outcomes=[outcome]).to_dict()
     wanted = list(targets) if names is None else names
     unknown = [_unknown_target(name) for name in wanted if name not in targets]

@@ -37,7 +37,7 @@ def _parse(name: str, raw: str) -> Credentials:
     if text.startswith("{"):
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError, or a 5,000-digit number
             raise InvalidRequest(
                 "credentials", f"secret {name!r} starts with '{{' but is not valid JSON"
             ) from None

@@ -337,7 +337,8 @@ def _auth_unavailable(offered: list[str], wanted: str) -> SessionFailure:
     if not offered:
         detail = "server does not offer AUTH"
     else:
-        detail = f"server offers no usable AUTH mechanism (offered: {' '.join(offered).upper()})"
+        mechanisms = quote_reply(" ".join(offered).upper())  # the server's words: bounded
+        detail = f"server offers no usable AUTH mechanism (offered: {mechanisms})"
     return SessionFailure(ErrorCategory.AUTH_UNAVAILABLE, f"{detail}; {wanted} needed")
 
 

@@ -15,6 +15,7 @@ from smtp_session.tasks.sweep import DomainCheck, SweepItem
 
 DEFAULT_INTERVAL = 60.0
 MIN_INTERVAL = 1.0
+MAX_INTERVAL = 366 * 24 * 3600.0  # a year: beyond it a schedule overflows datetime
 _TARGET_ONLY = ("name", "interval", "domain")
 #: What discovery finds for each host of a domain target (the SRV port and the security
 #: its service implies): a [defaults] value must not override it; the target's own may.
@@ -55,9 +56,12 @@ def _interval(where: str, value: object) -> float:
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or value < MIN_INTERVAL
+        or not MIN_INTERVAL <= value <= MAX_INTERVAL
     ):
-        raise InvalidTargets(f"{where}: interval: must be a number of seconds >= {MIN_INTERVAL:g}")
+        raise InvalidTargets(
+            f"{where}: interval: must be a number of seconds >= {MIN_INTERVAL:g} "
+            f"and <= {MAX_INTERVAL:.0f} (a year)"
+        )
     return float(value)
 
 

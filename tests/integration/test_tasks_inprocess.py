@@ -132,3 +132,19 @@ async def test_check_target_and_sweep_by_name(
     assert (summary["total"], summary["ok"]) == (1, 1)
     summary = await run(eager_app, SWEEP_TASK, names=["mx", "other"])
     assert (summary["total"], summary["ok"], summary["failed"]) == (2, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("task_name", "kwargs", "message"),
+    [
+        (CHECK_TARGET_TASK, {}, "name: is required"),
+        (CHECK_TARGET_TASK, {"name": "x", "host": "evil"}, "host: unknown field"),
+        (SWEEP_TASK, {"targets": ["x"]}, "targets: unknown field"),
+    ],
+)
+async def test_wrong_kwargs_of_every_task_are_an_invalid_request(
+    eager_app: Celery, task_name: str, kwargs: dict[str, Any], message: str
+) -> None:
+    outcome = await run(eager_app, task_name, **kwargs)
+    found = outcome["outcomes"][0] if "outcomes" in outcome else outcome
+    assert (found["error"], found["err_message"]) == ("invalid_request", message)

@@ -59,6 +59,8 @@ def test_missing_secret_names_both_places() -> None:
         f'{{"username": "u", "password": "{SECRET}", "oauth2_token": "t"}}',
         f'{{"password": "{SECRET}"}}',
         f'["{SECRET}"]',
+        # Past Python's 4,300-digit limit for int(): a ValueError that is not JSON's own.
+        f'{{"username": "u", "password": "{SECRET}", "n": {"9" * 5000}}}',
     ],
 )
 def test_malformed_secret_is_invalid_without_echoing_it(raw: str) -> None:

@@ -311,6 +311,13 @@ host = "good.example.test"
             id="interval-bool",
         ),
         pytest.param(
+            '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = 1e14\n',
+            "target 'i'",
+            "interval",
+            "<= 31622400 (a year)",
+            id="interval-beyond-a-year",
+        ),
+        pytest.param(
             '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = -5\n',
             "target 'i'",
             "interval",
