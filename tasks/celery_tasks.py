@@ -91,20 +91,28 @@ def _extra_ca_file(app: Celery) -> str | None:
     return settings.extra_ca_file if settings is not None else None
 
 
-_destination_limit: list[DestinationLimit] = []
+GUARDS_ATTRIBUTE = "smtp_session_guards"
+_guards_lock = threading.Lock()
 
 
 def _guards(app: Celery, *, from_queue: bool) -> Guards:
     """The process's bound per destination; and, for a request from the queue (a tenant's
-    input), the egress policy. Configured targets are the operator's: not restricted."""
-    settings = _settings(app)
-    if not _destination_limit:
-        per_destination = settings.max_per_destination if settings is not None else None
-        _destination_limit.append(DestinationLimit(per_destination or DEFAULT_MAX_PER_DESTINATION))
-    egress = (
-        (settings.egress_policy if settings is not None else EgressPolicy()) if from_queue else None
-    )
-    return Guards(egress=egress, limit=_destination_limit[0])
+    input), the egress policy. Configured targets are the operator's: not restricted.
+
+    Made once per app (on the app object), not per task: the policy parses its settings.
+    """
+    with _guards_lock:
+        made: dict[bool, Guards] | None = getattr(app, GUARDS_ATTRIBUTE, None)
+        if made is None:
+            settings = _settings(app)
+            per_destination = (
+                settings.max_per_destination if settings is not None else None
+            ) or DEFAULT_MAX_PER_DESTINATION
+            egress = settings.egress_policy if settings is not None else EgressPolicy()
+            limit = DestinationLimit(per_destination)
+            made = {False: Guards(limit=limit), True: Guards(egress=egress, limit=limit)}
+            setattr(app, GUARDS_ATTRIBUTE, made)
+        return made[from_queue]
 
 
 def _sweep_concurrency(app: Celery) -> int:
@@ -159,9 +167,10 @@ def run_session_task(
             raise InvalidRequest(
                 "request", f"fields go in kwargs, not in positional args (got {len(positional)})"
             )
+        request = parse_request({**_request_defaults(task), **fields})
         if from_queue:  # checked before prepare() reads any file the request names
-            check_queue_request(parse_request({**_request_defaults(task), **fields}))
-        request, credentials = prepare({**_request_defaults(task), **fields})
+            check_queue_request(request)
+        request, credentials = prepare(request)
         _check_timeout(request, _max_timeout(task.app))
     except InvalidRequest as exc:
         outcome = rejected(exc, fields)
