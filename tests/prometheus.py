@@ -250,10 +250,16 @@ def start_prometheus(
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         try:
-            listening = _wait_for_line(
-                lines, lambda line: _LISTENING.search(line) is not None, deadline=deadline
-            )
-            _wait_for_line(lines, lambda line: _READY in line, deadline=deadline)
+            # Both lines, in whichever order Prometheus writes them (it varies).
+            seen: list[str] = []
+
+            def both_seen(line: str) -> bool:
+                seen.append(line)
+                ready = any(_READY in one for one in seen)
+                return ready and any(_LISTENING.search(one) for one in seen)
+
+            _wait_for_line(lines, both_seen, deadline=deadline)
+            listening = next(line for line in seen if _LISTENING.search(line))
         except (TimeoutError, EOFError) as error:
             raise AssertionError(f"{error}:\n" + "\n".join(log[-30:])) from None
         match = _LISTENING.search(listening)
