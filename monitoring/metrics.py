@@ -10,11 +10,12 @@ import calendar
 import functools
 import time
 from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.outcome import CertInfo, Outcome, join_host_port
+from smtp_session.tasks.summary import DomainOutcome
 
 ADHOC_TARGET = "adhoc"
 #: Outcomes of requests refused before any I/O: bad input, or the egress policy.
@@ -46,9 +47,18 @@ class _Children(Generic[_M]):
             child = self._children[values] = self._metric.labels(*values)
         return child
 
+    def remove(self, *values: str) -> None:
+        """Drop the child (its series disappears from /metrics)."""
+        if self._children.pop(values, None) is not None:
+            self._metric.remove(*values)
 
-def _result(outcome: Outcome) -> str:
+
+def _result(outcome: Outcome | DomainOutcome) -> str:
     return "success" if outcome.ok else "failure"
+
+
+def _error(outcome: Outcome | DomainOutcome) -> str:
+    return outcome.error.value if outcome.error else ""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -71,63 +81,76 @@ class SessionMetrics:
         `target` values cannot grow the label set: unknown names count as `adhoc`.
         """
         self.known_targets = frozenset(known_targets) if known_targets is not None else None
-        self.attempts = Counter(
+
+        def declare(
+            kind: type[_M], name: str, documentation: str, labels: list[str], **extra: Any
+        ) -> _M:
+            return kind(
+                name, documentation, labels, namespace=NAMESPACE, registry=registry, **extra
+            )
+
+        self.attempts = declare(
+            Counter,
             "attempts_total",
             "Session attempts, each one connection (plus its trust fallback).",
             ["target", "result", "error", "trust"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.opens = Counter(
+        self.opens = declare(
+            Counter,
             "opens_total",
             "Final session outcomes, after retries.",
             ["target", "result", "error"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.tls_fallback = Counter(
+        self.tls_fallback = declare(
+            Counter,
             "tls_fallback_total",
             "Attempts that retried the handshake in portable trust after native refused it.",
             ["target", "result"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.duration = Histogram(
+        self.duration = declare(
+            Histogram,
             "duration_seconds",
             "Whole request duration, retries and backoff included.",
             ["target", "result"],
-            namespace=NAMESPACE,
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.stage_duration = Histogram(
+        self.stage_duration = declare(
+            Histogram,
             "stage_duration_seconds",
             "Time spent per session stage, per attempt.",
             ["target", "stage"],
-            namespace=NAMESPACE,
             buckets=STAGE_BUCKETS,
-            registry=registry,
         )
-        self.up = Gauge(
+        self.up = declare(
+            Gauge,
             "up",
             "1 if the last final outcome for the target was ok, else 0.",
             ["target"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.last_success = Gauge(
+        self.last_success = declare(
+            Gauge,
             "last_success_timestamp_seconds",
             "Unix time of the last ok outcome.",
             ["target"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.cert_expiry = Gauge(
+        self.cert_expiry = declare(
+            Gauge,
             "cert_expiry_timestamp_seconds",
-            "notAfter of the certificate the server last presented, as Unix time.",
+            "notAfter of the certificate the server last presented, as Unix time "
+            "(a mail domain: the earliest of its servers').",
             ["target"],
-            namespace=NAMESPACE,
-            registry=registry,
+        )
+        self.server_up = declare(
+            Gauge,
+            "server_up",
+            "1 if the last check of this discovered server of a mail-domain target was ok.",
+            ["target", "server"],
+        )
+        self.server_cert_expiry = declare(
+            Gauge,
+            "server_cert_expiry_timestamp_seconds",
+            "notAfter of the certificate this discovered server last presented, as Unix time.",
+            ["target", "server"],
         )
         self._attempts = _Children(self.attempts)
         self._opens = _Children(self.opens)
@@ -137,6 +160,12 @@ class SessionMetrics:
         self._up = _Children(self.up)
         self._last_success = _Children(self.last_success)
         self._cert_expiry = _Children(self.cert_expiry)
+        self._server_up = _Children(self.server_up)
+        self._server_cert_expiry = _Children(self.server_cert_expiry)
+        # Per domain target, the servers its last check found: series of servers that
+        # discovery no longer returns are removed, so each target has at most
+        # MAX_DISCOVERED of them.
+        self._servers: dict[str, set[str]] = {}
 
     def declare_targets(self, targets: Iterable[str]) -> None:
         """Export zeros for configured targets, so rate() and increase() see their first event."""
@@ -145,7 +174,7 @@ class SessionMetrics:
                 self.tls_fallback.labels(target, result)
             self.opens.labels(target, "success", "")
 
-    def target_label(self, outcome: Outcome) -> str:
+    def target_label(self, outcome: Outcome | DomainOutcome) -> str:
         target = outcome.target
         if target is None or (self.known_targets is not None and target not in self.known_targets):
             return ADHOC_TARGET
@@ -155,8 +184,7 @@ class SessionMetrics:
         """One attempt ended (its Outcome carries the attempt's timings and trust)."""
         target = self.target_label(outcome)
         trust = outcome.tls.trust if outcome.tls and outcome.tls.trust else "none"
-        error = outcome.error.value if outcome.error else ""
-        self._attempts(target, _result(outcome), error, trust).inc()
+        self._attempts(target, _result(outcome), _error(outcome), trust).inc()
         if outcome.tls is not None and outcome.tls.fallback:
             self._tls_fallback(target, _result(outcome)).inc()
         timings = outcome.timings
@@ -166,17 +194,59 @@ class SessionMetrics:
                 self._stage_duration(target, stage).observe(seconds)
 
     def request_ended(self, outcome: Outcome) -> None:
-        """The final outcome of a request, after its retries."""
+        """The final outcome of a request, after its retries.
+
+        A server discovered for a mail domain has series of its own; its domain's
+        verdict (domain_ended) is what counts for the target.
+        """
+        if outcome.domain is not None:
+            self._server_ended(outcome)
+            return
+        cert = outcome.tls.cert if outcome.tls else None
+        self._final(self.target_label(outcome), outcome, outcome.timings.total, [cert])
+
+    def domain_ended(self, outcome: DomainOutcome) -> None:
+        """A mail domain's verdict: the target's final outcome; its servers' series are
+        those this check found."""
         target = self.target_label(outcome)
-        error = outcome.error.value if outcome.error else ""
-        self._opens(target, _result(outcome), error).inc()
-        if outcome.timings.total is not None:
-            self._duration(target, _result(outcome)).observe(outcome.timings.total)
+        certs = [server.tls.cert if server.tls else None for server in outcome.outcomes]
+        self._final(target, outcome, outcome.duration_s, certs)
+        found = {_server(server) for server in outcome.outcomes if server.port is not None}
+        for gone in self._servers.get(target, set()) - found:
+            self._server_up.remove(target, gone)
+            self._server_cert_expiry.remove(target, gone)
+        if target != ADHOC_TARGET:
+            self._servers[target] = found
+
+    def _server_ended(self, outcome: Outcome) -> None:
+        target = self.target_label(outcome)
+        if target == ADHOC_TARGET:  # unbounded: only configured domain targets
+            return
+        server = _server(outcome)
+        self._server_up(target, server).set(1 if outcome.ok else 0)
+        cert = outcome.tls.cert if outcome.tls else None
+        if cert is not None:
+            self._server_cert_expiry(target, server).set(_timestamp(cert.not_after))
+
+    def _final(
+        self,
+        target: str,
+        outcome: Outcome | DomainOutcome,
+        duration: float | None,
+        certs: Iterable[CertInfo | None],
+    ) -> None:
+        self._opens(target, _result(outcome), _error(outcome)).inc()
+        if duration is not None:
+            self._duration(target, _result(outcome)).observe(duration)
         if outcome.error is not None and outcome.error.value in REFUSED_BEFORE_ANY_IO:
             return  # says nothing about the server: leave up/expiry as they were
         self._up(target).set(1 if outcome.ok else 0)
         if outcome.ok:
             self._last_success(target).set(time.time())
-        cert = outcome.tls.cert if outcome.tls else None
-        if cert is not None:
-            self._cert_expiry(target).set(_timestamp(cert.not_after))
+        expiries = [_timestamp(cert.not_after) for cert in certs if cert is not None]
+        if expiries:
+            self._cert_expiry(target).set(min(expiries))
+
+
+def _server(outcome: Outcome) -> str:
+    return join_host_port(outcome.host, outcome.port)

@@ -43,10 +43,10 @@ from smtp_session.tasks.session import (
     run_attempt,
     stopped,
 )
+from smtp_session.tasks.summary import SweepSummary
 from smtp_session.tasks.sweep import (
     DomainCheck,
     SweepItem,
-    SweepSummary,
     sweep,
     time_limit,
     with_defaults,
@@ -275,7 +275,8 @@ def open_session_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
 def check_target_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Check one configured target (kwarg `name`); returns its Outcome dict.
 
-    A target given as a mail domain returns the sweep summary of its discovered hosts.
+    A target given as a mail domain returns its DomainOutcome dict: the verdict, and an
+    Outcome per discovered server.
     """
     problem = _arguments_problem(args, kwargs, allowed={"name"}, required={"name"})
     if problem is not None:
@@ -285,7 +286,8 @@ def check_target_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     if item is None:
         return _unknown_target(name).to_dict()
     if isinstance(item, DomainCheck):
-        return _run_sweep(self, [item]).to_dict()
+        (verdict,) = _run_sweep(self, [item]).domains
+        return verdict.to_dict()
     return run_session_task(self, _fields(item), from_queue=False)
 
 

@@ -19,6 +19,7 @@ service, not what was asked for: it is not checked in its place).
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -189,13 +190,15 @@ async def discover(
 ) -> list[DiscoveredHost]:
     """The domain's hosts, best first (at most MAX_DISCOVERED); raises SessionFailure(DNS).
 
-    `lifetime` bounds each query of the system's resolver (the target's timeout); there
-    are at most QUERY_ROUNDS of them in a row. `rng` draws the weighted SRV order
-    (a `random.Random` of its own by default).
+    `lifetime` bounds each query of the system's resolver (dnspython's default resolver,
+    from /etc/resolv.conf) by the target's timeout; there are at most QUERY_ROUNDS of them
+    in a row. `rng` draws the weighted SRV order (a `random.Random` of its own by default).
     """
     try:
         if resolver is None:
-            resolver = dns.asyncresolver.Resolver()
+            # dnspython's process-wide resolver (/etc/resolv.conf, read once), with this
+            # check's own deadline on a copy of it.
+            resolver = copy.copy(dns.asyncresolver.get_default_resolver())
             if lifetime is not None:
                 resolver.lifetime = lifetime
         hosts = await _discover(domain, resolver, rng if rng is not None else random.Random())

@@ -1,7 +1,8 @@
 """What the session core tells about its work, and to whom: observers it is given.
 
 The core imports neither Celery nor prometheus_client. It calls `attempt_ended` after
-every attempt and `request_ended` once per request; the JSON log (here) and the
+every attempt and `request_ended` once per request, and a sweep `domain_ended` once per
+check of a mail domain (after its servers' requests); the JSON log (here) and the
 Prometheus metrics (monitoring.metrics) are two implementations.
 """
 
@@ -13,6 +14,7 @@ from typing import Protocol
 import structlog
 
 from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.summary import DomainOutcome
 
 log = structlog.get_logger("smtp_session")
 
@@ -26,6 +28,9 @@ class SessionObserver(Protocol):
     def request_ended(self, outcome: Outcome) -> None:
         """The request ended, after its retries: this is its final Outcome."""
 
+    def domain_ended(self, outcome: DomainOutcome) -> None:
+        """A mail domain's check ended: its verdict (its servers' requests ended before)."""
+
 
 class LogObserver:
     """`session.attempt` for every attempt, `session.result` for the final outcome."""
@@ -35,6 +40,21 @@ class LogObserver:
 
     def request_ended(self, outcome: Outcome) -> None:
         _log_outcome("session.result", outcome)
+
+    def domain_ended(self, outcome: DomainOutcome) -> None:
+        """`domain.result`: the verdict, and how many servers were ok."""
+        log.info(
+            "domain.result",
+            ok=outcome.ok,
+            err_message=outcome.err_message,
+            error=outcome.error.value if outcome.error else None,
+            domain=outcome.domain,
+            target=outcome.target,
+            require=outcome.require,
+            servers=outcome.servers,
+            servers_ok=outcome.servers_ok,
+            duration_s=outcome.duration_s,
+        )
 
 
 def _log_outcome(event: str, outcome: Outcome) -> None:
@@ -48,6 +68,7 @@ def _log_outcome(event: str, outcome: Outcome) -> None:
         host=outcome.host,
         port=outcome.port,
         target=outcome.target,
+        domain=outcome.domain,
         attempt=outcome.attempts,
         trust=tls.trust if tls else None,
         fallback=tls.fallback if tls else False,
@@ -67,3 +88,9 @@ def report(outcome: Outcome, *, final: bool, observers: Sequence[SessionObserver
             observer.request_ended(outcome)
         else:
             observer.attempt_ended(outcome)
+
+
+def report_domain(outcome: DomainOutcome, *, observers: Sequence[SessionObserver]) -> None:
+    """Tell every observer that the check of a mail domain ended."""
+    for observer in observers:
+        observer.domain_ended(outcome)

@@ -92,6 +92,7 @@ class Outcome(_Frozen):
     address: str | None = None
     security: str | None = None
     target: str | None = None
+    domain: str | None = None  # the mail domain this server was discovered for
     tls: TlsInfo | None = None
     server: ServerInfo | None = None
     authenticated: bool = False
@@ -114,6 +115,13 @@ class Outcome(_Frozen):
         fields = dict(data)
         fields["schema_"] = fields.pop("schema", SCHEMA_VERSION)
         return cls.model_validate(_known(cls, fields))
+
+
+def join_host_port(host: str, port: int | None) -> str:
+    """`host:port` as people write it: an IPv6 literal with a port goes in brackets."""
+    if not port:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def json_schema() -> dict[str, Any]:

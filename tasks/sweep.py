@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dns.asyncresolver
-from pydantic import BaseModel, ConfigDict
 
 from smtp_session.tasks.contract import attempt_time_limit
 from smtp_session.tasks.discovery import MAX_DISCOVERED, QUERY_ROUNDS, discover
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
-from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
+from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report, report_domain
 from smtp_session.tasks.outcome import Outcome
 from smtp_session.tasks.request import (
     DEFAULT_RETRIES,
@@ -31,19 +30,28 @@ from smtp_session.tasks.session import (
     open_session,
     utc_now,
 )
+from smtp_session.tasks.summary import (
+    REQUIRE_DEFAULT,
+    DomainOutcome,
+    Require,
+    SweepSummary,
+    domain_verdict,
+)
 from smtp_session.tasks.trust_memory import TrustMemory
 
 
 @dataclass(frozen=True)
 class DomainCheck:
     """A target given as a mail domain: its hosts are discovered (submission SRV records,
-    then MX, then the domain's own address) when checked.
+        then MX, then the domain's own address) when checked.
 
-    Each discovered host becomes a session of its own, with `fields` as its request.
+        Each discovered host becomes a session of its own, with `fields` as its request; the
+    domain is up when `require` ("any" or "all") of them are ok.
     """
 
     domain: str
     fields: Mapping[str, Any] = field(default_factory=dict)
+    require: Require = REQUIRE_DEFAULT
 
 
 SweepItem = SessionRequest | DomainCheck
@@ -52,7 +60,7 @@ SweepItem = SessionRequest | DomainCheck
 def with_defaults(item: SweepItem, defaults: Mapping[str, Any]) -> SweepItem:
     """The item with `defaults` (the settings' request defaults) under its own fields."""
     if isinstance(item, DomainCheck):
-        return DomainCheck(item.domain, {**defaults, **item.fields})
+        return DomainCheck(item.domain, {**defaults, **item.fields}, item.require)
     return parse_request({**defaults, **item.model_dump(exclude_unset=True)})
 
 
@@ -72,22 +80,6 @@ def time_limit(item: SweepItem, *, concurrency: int) -> float:
     # timeout; then the hosts, as many at once as the concurrency allows.
     rounds = math.ceil(MAX_DISCOVERED / concurrency)
     return QUERY_ROUNDS * timeout + rounds * request_time_limit(timeout, retries)
-
-
-class SweepSummary(BaseModel):
-    """The `smtp_session.sweep` result."""
-
-    model_config = ConfigDict(frozen=True)
-
-    total: int
-    ok: int
-    failed: int
-    duration_s: float
-    outcomes: list[Outcome]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json", exclude={"outcomes"})
-        return {**data, "outcomes": [outcome.to_dict() for outcome in self.outcomes]}
 
 
 @dataclass
@@ -111,20 +103,28 @@ class _Sweep:
             self.on_outcome(outcome)
         return outcome
 
-    async def session(self, request: SessionRequest | Mapping[str, Any]) -> Outcome:
+    async def session(
+        self, request: SessionRequest | Mapping[str, Any], *, domain: str | None = None
+    ) -> Outcome:
+        """One session; a server discovered for `domain` has its outcomes marked so."""
+        observers = self.observers if domain is None else (_Discovered(domain, self.observers),)
         async with self._slots:
             outcome = await open_session(
                 request,
                 environ=self.environ,
-                observers=self.observers,
+                observers=observers,
                 trust_memory=self.trust_memory,
                 extra_ca_file=self.extra_ca_file,
                 guards=self.guards,
                 retry_policy=self.retry_policy,
             )
-        return self._done(outcome)
+        return self._done(outcome if domain is None else _marked(outcome, domain))
 
-    async def domain(self, check: DomainCheck) -> list[Outcome]:
+    async def domain(self, check: DomainCheck) -> DomainOutcome:
+        loop = asyncio.get_running_loop()
+        started, started_at = loop.time(), utc_now()
+        target = check.fields.get("target")
+        target = target if isinstance(target, str) else None
         try:
             async with self._slots:
                 timeout = check.fields.get("timeout", DEFAULT_TIMEOUT)
@@ -134,36 +134,72 @@ class _Sweep:
                     lifetime=float(timeout) if isinstance(timeout, int | float) else None,
                 )
         except SessionFailure as exc:
-            target = check.fields.get("target")
-            outcome = Outcome(
+            failure = Outcome(
                 ok=False,
                 err_message=exc.message,
                 error=ErrorCategory.DNS,
                 stage=Stage.RESOLVE,
                 retryable=ErrorCategory.DNS.retryable,
                 host=check.domain,
-                target=target if isinstance(target, str) else None,
-                started_at=utc_now(),
+                target=target,
+                domain=check.domain,
+                started_at=started_at,
             )
-            report(outcome, final=True, observers=self.observers)
-            return [self._done(outcome)]
-        # What discovery found (the port, and implicit TLS for _submissions), unless the
-        # target itself says otherwise.
-        requests = [
-            {
-                "port": found.port,
-                **({"security": found.security} if found.security is not None else {}),
-                **check.fields,
-                "host": found.host,
-            }
-            for found in hosts
-        ]
-        return list(await asyncio.gather(*(self.session(request) for request in requests)))
+            # No session: what discovery found (nothing) is told as the domain's verdict.
+            outcomes, discovered = [self._done(failure)], False
+        else:
+            # What discovery found (the port, and implicit TLS for _submissions), unless
+            # the target itself says otherwise.
+            requests = [
+                {
+                    "port": found.port,
+                    **({"security": found.security} if found.security is not None else {}),
+                    **check.fields,
+                    "host": found.host,
+                }
+                for found in hosts
+            ]
+            sessions = (self.session(request, domain=check.domain) for request in requests)
+            outcomes, discovered = list(await asyncio.gather(*sessions)), True
+        verdict = domain_verdict(
+            check.domain,
+            outcomes,
+            discovered=discovered,
+            require=check.require,
+            target=target,
+            started_at=started_at,
+            duration_s=round(loop.time() - started, 3),
+        )
+        report_domain(verdict, observers=self.observers)
+        return verdict
 
-    async def item(self, item: SweepItem) -> list[Outcome]:
+    async def item(self, item: SweepItem) -> tuple[list[Outcome], list[DomainOutcome]]:
+        """The item's outcomes, and its verdict when it is a domain."""
         if isinstance(item, DomainCheck):
-            return await self.domain(item)
-        return [await self.session(item)]
+            verdict = await self.domain(item)
+            return verdict.outcomes, [verdict]
+        return [await self.session(item)], []
+
+
+def _marked(outcome: Outcome, domain: str) -> Outcome:
+    return outcome.model_copy(update={"domain": domain})
+
+
+@dataclass(frozen=True)
+class _Discovered:
+    """Passes on a discovered server's outcomes, marked with the domain it was found for."""
+
+    domain: str
+    observers: Sequence[SessionObserver]
+
+    def attempt_ended(self, outcome: Outcome) -> None:
+        report(_marked(outcome, self.domain), final=False, observers=self.observers)
+
+    def request_ended(self, outcome: Outcome) -> None:
+        report(_marked(outcome, self.domain), final=True, observers=self.observers)
+
+    def domain_ended(self, outcome: DomainOutcome) -> None:
+        report_domain(outcome, observers=self.observers)
 
 
 async def sweep(
@@ -200,8 +236,8 @@ async def sweep(
         on_outcome,
         resolver,
     )
-    nested = await asyncio.gather(*(runner.item(item) for item in items))
-    outcomes = [outcome for group in nested for outcome in group]
+    parts = await asyncio.gather(*(runner.item(item) for item in items))
+    outcomes = [outcome for part, _ in parts for outcome in part]
     ok = sum(outcome.ok for outcome in outcomes)
     return SweepSummary(
         total=len(outcomes),
@@ -209,4 +245,5 @@ async def sweep(
         failed=len(outcomes) - ok,
         duration_s=round(loop.time() - started, 3),
         outcomes=outcomes,
+        domains=[domain for _, part in parts for domain in part],
     )

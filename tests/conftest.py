@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from smtp_session.tasks.trust import forget_contexts
+from tests.dns_server import DnsServer
 from tests.prometheus import PrometheusFactory
 from tests.servers import (
     EXPIRED_NOT_AFTER,
@@ -133,3 +134,12 @@ def prometheus_factory(tmp_path: Path) -> Iterator[PrometheusFactory]:
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+async def dns_servers() -> AsyncIterator[list[DnsServer]]:
+    """Servers started by :func:`serve` in this test, closed at teardown."""
+    servers: list[DnsServer] = []
+    yield servers
+    for server in servers:
+        server.close()

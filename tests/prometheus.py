@@ -78,11 +78,14 @@ def has_number(results: Sequence[Result]) -> bool:
 
 
 def alert_subjects(alerts: Sequence[Result]) -> dict[str, set[str]]:
-    """``ALERTS`` series (pending and firing) as {alertname: {target, or else instance}}."""
+    """``ALERTS`` series (pending and firing) as {alertname: {subject}}: `target server`,
+    `target`, or else `instance`."""
     subjects: dict[str, set[str]] = {}
     for result in alerts:
         labels = result["metric"]
         subject = labels.get("target") or labels["instance"]
+        if "server" in labels:
+            subject = f"{subject} {labels['server']}"
         subjects.setdefault(labels["alertname"], set()).add(subject)
     return subjects
 

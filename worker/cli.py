@@ -25,6 +25,7 @@ import click
 
 from smtp_session.tasks.contract import DEFAULT_CONCURRENCY
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest
+from smtp_session.tasks.outcome import join_host_port
 from smtp_session.tasks.request import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from smtp_session.tasks.outcome import Outcome
-    from smtp_session.tasks.sweep import SweepSummary
+    from smtp_session.tasks.summary import SweepSummary
     from smtp_session.worker.targets import Target
 
 EXIT_OK = 0
@@ -56,8 +57,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process Ctrl+C ended
 
 EXIT_CODES = """\b
 Exit codes:
-  0    ok (every session of a sweep; enqueue without --wait: the task was sent)
-  1    a session failed (any session of a sweep)
+  0    ok (every target of a sweep; enqueue without --wait: the task was sent)
+  1    a session failed (a sweep: a target is down)
   2    invalid input: a request field, an option, a setting, the targets file
   3    no outcome: the broker is unreachable, or --wait timed out
   130  interrupted (Ctrl+C)"""
@@ -122,13 +123,6 @@ def split_host_port(value: str) -> tuple[str, int | None]:
     if not (port_text.isascii() and port_text.isdigit()):
         raise click.BadParameter(f"port {port_text!r} is not a number", param_hint="HOST[:PORT]")
     return host, int(port_text)
-
-
-def join_host_port(host: str, port: int | None) -> str:
-    """The inverse of split_host_port: an IPv6 literal with a port goes in brackets."""
-    if not port:
-        return host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 SECURITY_HELP = (
@@ -579,6 +573,14 @@ def print_sweep(console: Console, summary: SweepSummary) -> None:
             if not outcome.ok
         ]
         console.print(Group(narrow, *failures))
+    for domain in summary.domains:
+        state = "up" if domain.ok else "DOWN"
+        console.print(
+            Text(
+                f"{domain.target or domain.domain} ({domain.domain}): {state}, "
+                f"{domain.servers_ok} of {domain.servers} servers ok (require {domain.require})"
+            )
+        )
     console.print(f"{summary.ok} ok, {summary.failed} failed in {summary.duration_s:.2f} s")
 
 
@@ -601,8 +603,8 @@ def print_sweep(console: Console, summary: SweepSummary) -> None:
 def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, verbose: bool) -> None:
     """Check every configured target now, concurrently, in this process.
 
-    Exit 0 when every session succeeded, 1 when any failed, 2 for an invalid targets
-    file or setting, 130 when interrupted.
+    Exit 0 when every target is up, 1 when any is down (a session failed; for a domain
+    target: its verdict), 2 for an invalid targets file or setting, 130 when interrupted.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -643,4 +645,4 @@ def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, ver
         # A pipe gets wide lines, unless COLUMNS says otherwise; a terminal its own width.
         wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
         print_sweep(Console(width=PIPE_WIDTH if wide else None), summary)
-    sys.exit(EXIT_OK if summary.failed == 0 else EXIT_FAILED)
+    sys.exit(EXIT_OK if summary.targets_ok else EXIT_FAILED)

@@ -18,6 +18,11 @@ from celery.result import AsyncResult
 from smtp_session.tasks.contract import OPEN_TASK
 from smtp_session.tasks.outcome import Outcome
 from smtp_session.tasks.request import check_queue_request, parse_request
+from smtp_session.tasks.summary import DomainOutcome, SweepSummary
+
+#: What a task of ours returns: `open` and `check_target` an Outcome, `check_target` of a
+#: mail-domain target a DomainOutcome, `sweep` a SweepSummary.
+Result = Outcome | DomainOutcome | SweepSummary
 
 
 def submit(app: Celery, **fields: Any) -> str:
@@ -33,7 +38,18 @@ def submit(app: Celery, **fields: Any) -> str:
     return str(sent.id)
 
 
-def result(app: Celery, task_id: str, timeout: float | None = None) -> Outcome:
-    """Wait up to `timeout` seconds for the final Outcome (celery's TimeoutError after)."""
+def result(app: Celery, task_id: str, timeout: float | None = None) -> Result:
+    """Wait up to `timeout` seconds for the task's final result (celery's TimeoutError
+    after): an Outcome for `submit`'s tasks."""
     data = AsyncResult(task_id, app=app).get(timeout=timeout)
+    return parse_result(data)
+
+
+def parse_result(data: dict[str, Any]) -> Result:
+    """A task's result dict as its model: a sweep summary has `total`, a domain's verdict
+    `domain` and `outcomes`, anything else is an Outcome."""
+    if "total" in data and "outcomes" in data:
+        return SweepSummary.from_dict(data)
+    if "outcomes" in data:
+        return DomainOutcome.from_dict(data)
     return Outcome.from_dict(data)

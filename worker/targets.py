@@ -7,16 +7,18 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 from smtp_session.tasks.errors import InvalidRequest, SessionWorkerError
 from smtp_session.tasks.request import NAME_PATTERN, SessionRequest, parse_request
+from smtp_session.tasks.summary import REQUIRE_DEFAULT, Require
 from smtp_session.tasks.sweep import DomainCheck, SweepItem
 
 DEFAULT_INTERVAL = 60.0
 MIN_INTERVAL = 1.0
 MAX_INTERVAL = 366 * 24 * 3600.0  # a year: beyond it a schedule overflows datetime
-_TARGET_ONLY = ("name", "interval", "domain")
+_TARGET_ONLY = ("name", "interval", "domain", "require")
+_REQUIRE_VALUES = get_args(Require)
 #: What discovery finds for each host of a domain target (the SRV port and the security
 #: its service implies): a [defaults] value must not override it; the target's own may.
 _DISCOVERED = ("port", "security")
@@ -43,12 +45,22 @@ class Target:
     request: SessionRequest
     domain: str | None = None
     fields: dict[str, Any] = field(default_factory=dict, compare=False)
+    require: Require = REQUIRE_DEFAULT
 
     def sweep_item(self) -> SweepItem:
         """What a sweep checks for this target: its request, or its domain to discover."""
         if self.domain is not None:
-            return DomainCheck(self.domain, self.fields)
+            return DomainCheck(self.domain, self.fields, self.require)
         return self.request
+
+
+def _require(where: str, value: object) -> Require:
+    if isinstance(value, str) and value in _REQUIRE_VALUES:
+        return cast(Require, value)
+    choices = " or ".join(repr(allowed) for allowed in _REQUIRE_VALUES)
+    raise InvalidTargets(
+        f"{where}: require: must be {choices} (the servers of a domain that must be ok)"
+    )
 
 
 def _interval(where: str, value: object) -> float:
@@ -83,7 +95,13 @@ def _target(index: int, raw: object, defaults: Mapping[str, Any], source: str) -
     if domain is not None and not isinstance(domain, str):
         raise InvalidTargets(f"{where}: domain: must be a string")
     interval = _interval(where, raw.get("interval", defaults.get("interval", DEFAULT_INTERVAL)))
-    skipped = ("interval", *_DISCOVERED) if domain is not None else ("interval",)
+    if domain is None and "require" in raw:
+        raise InvalidTargets(
+            f"{where}: require: only for domain targets (how many discovered servers must be ok)"
+        )
+    require = _require(where, raw.get("require", defaults.get("require", REQUIRE_DEFAULT)))
+    own = ("interval", "require")
+    skipped = (*own, *_DISCOVERED) if domain is not None else own
     fields = {key: value for key, value in defaults.items() if key not in skipped}
     fields |= {key: value for key, value in raw.items() if key not in _TARGET_ONLY}
     fields["target"] = name
@@ -97,7 +115,9 @@ def _target(index: int, raw: object, defaults: Mapping[str, Any], source: str) -
         raise InvalidTargets(f"{where}: {field_name}: {exc.problem}") from None
     if domain is not None:
         del fields["host"]
-    return Target(name=name, interval=interval, request=request, domain=domain, fields=fields)
+    return Target(
+        name=name, interval=interval, request=request, domain=domain, fields=fields, require=require
+    )
 
 
 def _check_defaults(defaults: Mapping[str, Any], source: str) -> None:
@@ -110,6 +130,9 @@ def _check_defaults(defaults: Mapping[str, Any], source: str) -> None:
     for key, value in defaults.items():
         if key == "interval":
             _interval(where, value)
+            continue
+        if key == "require":
+            _require(where, value)
             continue
         try:
             parse_request({"host": _DEFAULTS_HOST, key: value})

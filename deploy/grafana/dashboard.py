@@ -109,19 +109,18 @@ def _per_minute(expr: str) -> str:
     return f"{expr} * 60"
 
 
-def up_panel() -> statetimeline.Panel:
-    """Up/down per target over time: the last final outcome of each target."""
+def _up_down(
+    title: str, description: str, expr: str, legend: str, span: int
+) -> statetimeline.Panel:
+    """A state timeline of a 1/0 series, drawn as up (green) and down (red)."""
     return (
         statetimeline.Panel()
-        .title("Up / down per target")
-        .description(
-            "smtp_session_up: 1 when the target's last final outcome (after retries) was ok. "
-            "With several workers, up when any worker last saw it ok."
-        )
+        .title(title)
+        .description(description)
         .datasource(DATASOURCE)
         .height(8)
-        .span(18)
-        .with_target(_query(f"max by (target) (smtp_session_up{{{SELECTED}}})", "{{target}}", "A"))
+        .span(span)
+        .with_target(_query(expr, legend, "A"))
         .mappings(
             [
                 ValueMap(
@@ -133,6 +132,32 @@ def up_panel() -> statetimeline.Panel:
             ]
         )
         .thresholds(_thresholds("red", (1.0, "green")))
+    )
+
+
+def up_panel() -> statetimeline.Panel:
+    """Up/down per target over time: the last final outcome of each target."""
+    return _up_down(
+        "Up / down per target",
+        "smtp_session_up: 1 when the target's last final outcome (after retries) was ok; "
+        "for a domain target, its verdict. With several workers, up when any worker last "
+        "saw it ok.",
+        f"max by (target) (smtp_session_up{{{SELECTED}}})",
+        "{{target}}",
+        18,
+    )
+
+
+def servers_panel() -> statetimeline.Panel:
+    """Up/down per discovered server of the domain targets: which server is the bad one."""
+    return _up_down(
+        "Servers of domain targets",
+        "smtp_session_server_up: each server discovered for a domain target (SRV, MX), "
+        "1 when its last session was ok. A domain with require = any stays up while one "
+        "of its servers is down: this shows which.",
+        f"max by (target, server) (smtp_session_server_up{{{SELECTED}}})",
+        "{{target}} {{server}}",
+        24,
     )
 
 
@@ -386,6 +411,7 @@ def build() -> Dashboard:
         .with_row(Row("Health"))
         .with_panel(up_panel())
         .with_panel(down_count_panel())
+        .with_panel(servers_panel())
         .with_panel(success_ratio_panel())
         .with_panel(errors_panel())
         .with_row(Row("Timing and retries"))

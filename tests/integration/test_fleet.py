@@ -10,6 +10,7 @@ from celery import Celery
 
 from smtp_session.tasks.contract import CHECK_TARGET_TASK, SWEEP_TASK
 from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.tasks.outcome import Outcome
 from smtp_session.worker.client import result, submit
 from tests.integration.conftest import (
     START_TIMEOUT,
@@ -174,5 +175,6 @@ async def test_client_validates_submits_and_reads_the_outcome(
         celery_client, host=server.host, port=server.port, security="plain", ehlo_name=EHLO_NAME
     )
     outcome = await asyncio.to_thread(result, celery_client, task_id, RESULT_TIMEOUT)
+    assert isinstance(outcome, Outcome)
     assert outcome.ok
     assert (outcome.host, outcome.port, outcome.attempts) == (server.host, server.port, 1)

@@ -24,6 +24,7 @@ from deploy.grafana import dashboard as dashboard_code
 from smtp_session.monitoring.metrics import SessionMetrics
 from smtp_session.tasks.errors import ErrorCategory, Stage
 from smtp_session.tasks.outcome import CertInfo, Outcome, Timings, TlsInfo
+from smtp_session.tasks.summary import domain_verdict
 from tests.prometheus import (
     CONFIG,
     DASHBOARD_JSON,
@@ -100,6 +101,7 @@ def test_every_alert_has_a_severity_and_annotations_naming_its_subject() -> None
         "SmtpSessionCertificateExpiringSoon",
         "SmtpSessionTrustFallback",
         "SmtpSessionNoRecentSuccess",
+        "SmtpSessionServerDown",
     }
     for rule in alerts:
         assert rule["labels"]["severity"] in SEVERITIES, rule["alert"]
@@ -211,6 +213,7 @@ NOW = datetime.datetime.now(datetime.UTC)
 FAR_FUTURE = NOW + datetime.timedelta(days=90)
 # Under SmtpSessionCertificateExpiringSoon's 14 days.
 SOON = NOW + datetime.timedelta(days=7)
+DOMAIN = "example.test"
 TIMINGS = Timings(
     resolve=0.001,
     connect=0.002,
@@ -307,15 +310,39 @@ class StandInExporter:
             self.metrics.attempt_ended(outcome)
         self.metrics.request_ended(attempts[-1])
 
+    def check_domain(self, target: str) -> None:
+        """A domain target's check: two servers, the second down; the domain up ("any")."""
+        servers = [
+            _success(target, not_after=FAR_FUTURE).model_copy(
+                update={"host": "mx1.example.test", "domain": DOMAIN}
+            ),
+            _timeout(target, 1).model_copy(update={"host": "mx2.example.test", "domain": DOMAIN}),
+        ]
+        for server in servers:
+            self.metrics.attempt_ended(server)
+            self.metrics.request_ended(server)
+        self.metrics.domain_ended(
+            domain_verdict(
+                DOMAIN,
+                servers,
+                discovered=True,
+                require="any",
+                target=target,
+                started_at=_iso(NOW),
+                duration_s=5.0,
+            )
+        )
+
     def run_sessions(self) -> int:
-        """One request per scenario; how many."""
+        """One request per scenario; how many (a domain check is one)."""
         self.record(_success("healthy", not_after=FAR_FUTURE))
         self.record(_success("fallback", trust="portable", fallback=True, not_after=FAR_FUTURE))
         self.record(_timeout("down", 1), _timeout("down", 2), _timeout("down", 3))
         self.record(_success("expiring", not_after=SOON))
         self.record(_success("stale", not_after=FAR_FUTURE))
         self.record(_untrusted_adhoc())
-        return 6
+        self.check_domain("domain")
+        return 7
 
 
 @pytest.fixture
@@ -373,6 +400,7 @@ def test_every_expression_returns_data_from_a_scraped_exporter(
         "SmtpSessionCertificateExpiringSoon": {"expiring"},
         "SmtpSessionTrustFallback": {"fallback"},
         "SmtpSessionNoRecentSuccess": {"stale"},
+        "SmtpSessionServerDown": {"domain mx2.example.test:587"},
     }
     prometheus.wait_for(
         "ALERTS", lambda alerts: alert_subjects(alerts) == expected, timeout=DATA_TIMEOUT
@@ -398,4 +426,5 @@ def test_every_expression_returns_data_from_a_scraped_exporter(
         "expiring",
         "stale",
         "adhoc",
+        "domain",
     }

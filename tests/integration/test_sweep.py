@@ -236,7 +236,8 @@ async def test_summary_to_dict_is_the_task_result(fleet: Fleet, refused_ports: l
         retry_policy=FAST_RETRY,
     )
     data = summary.to_dict()
-    assert set(data) == {"total", "ok", "failed", "duration_s", "outcomes"}
+    assert set(data) == {"total", "ok", "failed", "duration_s", "outcomes", "domains"}
+    assert data["domains"] == []
     assert (data["total"], data["ok"], data["failed"]) == (2, 1, 1)
     assert isinstance(data["duration_s"], float)
     up, down = data["outcomes"]

@@ -9,11 +9,10 @@ import pytest
 from rich.console import Console
 
 from smtp_session.tasks.errors import ErrorCategory, Stage
-from smtp_session.tasks.outcome import CertInfo, Outcome, Timings, TlsInfo
-from smtp_session.tasks.sweep import SweepSummary
+from smtp_session.tasks.outcome import CertInfo, Outcome, Timings, TlsInfo, join_host_port
+from smtp_session.tasks.summary import SweepSummary, domain_verdict
 from smtp_session.worker.cli import (
     CERTIFICATE_ERRORS,
-    join_host_port,
     print_sweep,
     split_host_port,
     summary,
@@ -356,3 +355,21 @@ def test_sweep_on_a_wide_terminal_has_an_err_message_column_that_folds() -> None
     assert len(row.split("│")[5].strip()) >= 30, lines
     assert "[::1]:2525" in table["server"]
     assert lines[-2].startswith("└"), lines  # no messages below the table: they are in it
+
+
+def test_sweep_says_each_domains_verdict_under_the_table() -> None:
+    summary = sweep_of(("mx", "mx1.example.test", 25), ("mx", "mx2.example.test", 25))
+    outcomes = [
+        outcome.model_copy(update={"domain": "example.test"}) for outcome in summary.outcomes
+    ]
+    verdict = domain_verdict(
+        "example.test",
+        outcomes,
+        discovered=True,
+        require="any",
+        target="mx",
+        started_at=STARTED_AT,
+        duration_s=0.42,
+    )
+    lines = rendered(summary.model_copy(update={"outcomes": outcomes, "domains": [verdict]}), 80)
+    assert lines[-2] == "mx (example.test): up, 1 of 2 servers ok (require any)"

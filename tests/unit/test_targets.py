@@ -182,6 +182,28 @@ def test_a_domain_targets_own_port_and_security_are_kept(tmp_path: Path) -> None
     assert dict(item.fields) == {"port": 2525, "security": "starttls", "target": "dom"}
 
 
+def test_require_comes_from_the_target_then_defaults_then_any(tmp_path: Path) -> None:
+    text = (
+        '[defaults]\nrequire = "all"\n'
+        '[[targets]]\nname = "own"\ndomain = "a.example.test"\nrequire = "any"\n'
+        '[[targets]]\nname = "default"\ndomain = "b.example.test"\n'
+        '[[targets]]\nname = "host"\nhost = "c.example.test"\n'
+    )
+    own, default, host = load_targets(write(tmp_path, text))
+    assert (own.require, default.require) == ("any", "all")
+    items = [own.sweep_item(), default.sweep_item()]
+    assert all(isinstance(item, DomainCheck) for item in items)
+    assert [
+        (item.require, "require" in item.fields) for item in items if isinstance(item, DomainCheck)
+    ] == [
+        ("any", False),
+        ("all", False),
+    ]
+    assert isinstance(host.sweep_item(), SessionRequest)  # [defaults] require: no matter
+    (bare,) = parse_targets({"targets": [{"name": "d", "domain": "d.example.test"}]})
+    assert bare.require == "any"
+
+
 def test_host_target_sweeps_its_request(targets: dict[str, Target]) -> None:
     target = next(t for t in targets.values() if t.domain is None)
     assert target.sweep_item() is target.request
@@ -295,6 +317,20 @@ host = "good.example.test"
             "interval",
             ">= 1",
             id="interval-zero",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "r"\ndomain = "example.test"\nrequire = "most"\n',
+            "target 'r'",
+            "require",
+            "must be 'any' or 'all'",
+            id="require-unknown",
+        ),
+        pytest.param(
+            '[[targets]]\nname = "r"\nhost = "b.example.test"\nrequire = "all"\n',
+            "target 'r'",
+            "require",
+            "only for domain targets",
+            id="require-on-a-host-target",
         ),
         pytest.param(
             '[[targets]]\nname = "i"\nhost = "b.example.test"\ninterval = "x"\n',
@@ -430,6 +466,12 @@ def test_invalid_target_is_named(
             "defaults: timeout: ",
             "greater than 0",
             id="bad-default-before-no-targets",
+        ),
+        pytest.param(
+            "[defaults]\nrequire = 1\n" + ONE_GOOD,
+            "defaults: require: ",
+            "must be 'any' or 'all'",
+            id="default-require-not-a-choice",
         ),
         pytest.param('targets = "x"\n', "targets", "array of tables", id="targets-not-array"),
         pytest.param("targets = [1]\n", "target #1", "table", id="target-not-a-table"),
