@@ -40,6 +40,7 @@ from smtp_session.tasks.request import (
 from smtp_session.tasks.resolve import AddressInfo, connect_first, local_hostname, resolve
 from smtp_session.tasks.secrets import Credentials, resolve_credentials
 from smtp_session.tasks.trust import (
+    SMTPClient,
     TrustMode,
     fetch_unverified_certificate,
     peer_certificate,
@@ -134,7 +135,7 @@ class _Connection:
         self.deadline = 0.0
         self._loop = asyncio.get_running_loop()
         self._stage_started = 0.0
-        self._smtp: SMTP | None = None
+        self._smtp: SMTPClient | None = None
 
     def remaining(self) -> float:
         return self.deadline - self._loop.time()
@@ -233,7 +234,7 @@ class _Connection:
             sock = await connect_first(addresses, connect_deadline, tried)
         finally:
             self.address = tried[-1] if tried else None
-        smtp = self._smtp = SMTP(
+        smtp = self._smtp = SMTPClient(
             hostname=request.connect_host,
             sock=sock,
             use_tls=self.implicit_tls,

@@ -132,6 +132,23 @@ def peer_certificate(smtp: SMTP) -> CertInfo | None:
     return describe_certificate(der) if der else None
 
 
+class SMTPClient(SMTP):
+    """aiosmtplib's client, whose every close (its own ones too: after QUIT, on a failed
+    connect or STARTTLS) drops the connection at once.
+
+    aiosmtplib closes a TLS transport gracefully: it sends close_notify and keeps the socket
+    until the server answers, up to asyncio's 30 s ssl_shutdown_timeout. A silent server
+    holds it that long; and once the event loop ends first (`smtp-session check`), the socket
+    is left to the garbage collector (ResourceWarning: unclosed transport). smtplib sends
+    no close_notify either.
+    """
+
+    def close(self) -> None:
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()
+        super().close()
+
+
 def _report_only_context() -> ssl.SSLContext:
     # REPORT-ONLY: this context never carries a session. It completes one handshake
     # after a verification failure so that the outcome can say *which* certificate was
@@ -161,13 +178,13 @@ async def fetch_unverified_certificate(
     addresses = literal_address(address, port)
     if addresses is None:
         return None
-    smtp: SMTP | None = None
+    smtp: SMTPClient | None = None
     try:
         async with asyncio.timeout(seconds):
             loop = asyncio.get_running_loop()
             # The address the session reached, not the name again: no second lookup.
             sock = await connect_first(addresses, loop.time() + seconds, [])
-            smtp = SMTP(
+            smtp = SMTPClient(
                 hostname=server_hostname,  # for SNI: the server may pick its certificate by it
                 sock=sock,
                 local_hostname=local_hostname,

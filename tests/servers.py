@@ -9,7 +9,8 @@ listening socket kept for the server's lifetime:
   a 421 banner, garbage, an endless line, a reset ...).
 
 Both count the connections they accept and stop everything they started in ``stop()``:
-no listening socket, connection or task outlives the fixture that made it.
+no listening socket, connection or task outlives the fixture that made it. They run in
+the test's event loop; :class:`ServerThread` runs them in a thread of their own.
 
 Faults that need no raw server:
 
@@ -19,6 +20,7 @@ Faults that need no raw server:
   ``SmtpServer(mode="plain")``; the server answers the ClientHello with its banner;
 * "535 on AUTH": any ``SmtpServer(auth=...)`` rejects a wrong password with
   :data:`AUTH_FAILED_REPLY`.
+* a slow greeting, as from a far-away server: ``SmtpServer(greeting_delay=...)``.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import json
 import socket
 import ssl
 import struct
+import threading
 from asyncio import sslproto
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, get_args
+from typing import Any, Literal, Self, TypeVar, get_args
 
 import trustme
 from aiosmtpd.smtp import (
@@ -368,6 +371,7 @@ class _RecordingSMTP(SMTP):
         self.connection_number = number
         self._raw_transport: asyncio.BaseTransport | None = None
         self._line = bytearray()
+        self._greeted = False
         # What the next client line is, judged from our last reply: an AUTH
         # continuation after 334, message content after 354, else a command.
         self._next_line: Literal["command", "auth", "data"] = "command"
@@ -396,6 +400,9 @@ class _RecordingSMTP(SMTP):
         super().data_received(data)
 
     async def push(self, status: str | bytes) -> None:
+        if self._owner.greeting_delay and not self._greeted:  # the first reply: the greeting
+            self._greeted = True
+            await asyncio.sleep(self._owner.greeting_delay)
         code = status[:3] if isinstance(status, str) else status[:3].decode("ascii", "replace")
         if code == "334":
             self._next_line = "auth"
@@ -473,6 +480,8 @@ class SmtpServer(_LoopbackServer):
     ``tls`` (TLS from the first byte). ``auth`` maps user to password for PLAIN and
     LOGIN, ``oauth_tokens`` maps user to bearer token for XOAUTH2; AUTH is advertised
     only for the mechanisms configured, and in ``starttls`` mode only after STARTTLS.
+    ``greeting_delay``: seconds each connection waits for its greeting (after the
+    handshake, in ``tls`` mode), like a far-away server's.
 
     Records ``commands`` (every command line, in order, over all connections),
     ``auth_attempts``, ``connections_accepted``, ``tls_handshakes_completed``,
@@ -490,6 +499,7 @@ class SmtpServer(_LoopbackServer):
         require_starttls: bool | None = None,
         auth_require_tls: bool | None = None,
         hostname: str = SERVER_HOSTNAME,
+        greeting_delay: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in SMTP_MODES:
@@ -509,6 +519,7 @@ class SmtpServer(_LoopbackServer):
         # implicit-TLS server; plain servers offer AUTH in the clear when configured.
         self.auth_require_tls = mode == "starttls" if auth_require_tls is None else auth_require_tls
         self.hostname = hostname
+        self.greeting_delay = greeting_delay
 
         self.commands: list[ReceivedCommand] = []
         self.auth_attempts: list[AuthAttempt] = []
@@ -757,6 +768,7 @@ class SmtpServerFactory:
         starttls_offered: bool | None = None,
         require_starttls: bool | None = None,
         auth_require_tls: bool | None = None,
+        greeting_delay: float = 0.0,
     ) -> SmtpServer:
         """A started server; ``cert`` defaults to ``good_cert``."""
         server = SmtpServer(
@@ -767,6 +779,7 @@ class SmtpServerFactory:
             starttls_offered=starttls_offered,
             require_starttls=require_starttls,
             auth_require_tls=auth_require_tls,
+            greeting_delay=greeting_delay,
         )
         await server.start()
         self._servers.append(server)
@@ -795,3 +808,48 @@ class RawServerFactory:
         """Stop every server this factory started."""
         for server in self._servers:
             await server.stop()
+
+
+# --------------------------------------------------------------------------- in a thread
+
+_Server = TypeVar("_Server", bound=_LoopbackServer)
+_T = TypeVar("_T")
+
+
+class ServerThread:
+    """Servers on an event loop of their own, in a thread, started with :meth:`start`.
+
+    They outlive the event loop of a client run with ``asyncio.run()``, as a remote server
+    outlives ``smtp-session check``: a connection the client leaves open is then still
+    open when its loop ends, not closed by a server stopping in that same loop.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="loopback-servers", daemon=True
+        )
+        self._thread.start()
+        self._servers: list[_LoopbackServer] = []
+
+    def start(self, server: _Server) -> _Server:
+        """``server``, started on this thread's loop."""
+        self.call(server.start())
+        self._servers.append(server)
+        return server
+
+    def call(self, step: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``step`` on this thread's loop (from another thread) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(step, self._loop).result(WAIT_TIMEOUT)
+
+    async def wait(self, step: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``step`` on this thread's loop and await it from another event loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, self._loop))
+
+    def close(self) -> None:
+        """Stop every server, then the loop and its thread."""
+        for server in self._servers:
+            self.call(server.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(WAIT_TIMEOUT)
+        self._loop.close()

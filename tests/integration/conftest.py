@@ -116,11 +116,12 @@ class RedisServer:
         """Copy Redis's output to its log file; set `ready` at its ready line (or its end)."""
         assert process.stdout is not None and self._log is not None
         log = self._log
-        for line in process.stdout:
-            log.write(line)
-            log.flush()
-            if READY_LINE in line.lower():
-                ready.set()
+        with process.stdout:  # the reader owns the pipe: closed at its end, not by the GC
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if READY_LINE in line.lower():
+                    ready.set()
         ready.set()  # it exited: start() sees that and says so
 
     def stop(self) -> None:
@@ -169,10 +170,11 @@ class RedisMonitor:
 
     def _read(self) -> None:
         assert self._process.stdout is not None
-        for raw in self._process.stdout:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._changed.notify_all()
+        with self._process.stdout:  # closed at its end, not by the GC
+            for raw in self._process.stdout:
+                with self._changed:
+                    self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                    self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
 
@@ -246,7 +248,8 @@ class WorkerProcess:
 
     def _read(self) -> None:
         assert self._process.stdout is not None
-        with self.log_path.open("w", encoding="utf-8") as log:
+        # The pipe is closed at its end, not left to the GC.
+        with self.log_path.open("w", encoding="utf-8") as log, self._process.stdout:
             for raw in self._process.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 log.write(line + "\n")

@@ -29,7 +29,6 @@ from smtp_session.tasks.resolve import AddressInfo, connect_first, literal_addre
 from tests.servers import LOOPBACK, SmtpServerFactory
 from tests.unit.test_resolve import refusing
 
-pytestmark = pytest.mark.filterwarnings("error::ResourceWarning")
 #: 127.0.0.2 … 127.0.0.13: Linux routes all of 127/8 to the loopback interface.
 TWELVE = [f"127.0.0.{last}" for last in range(2, 14)]
 #: Linux's initial SYN retransmission timeout: how far away a late address is.
