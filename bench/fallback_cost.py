@@ -62,13 +62,17 @@ DEBIAN_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def _expected(variant: str, outcome: Outcome) -> bool:
-    """Verified in the mode the variant means, after the fallback only when trust was auto."""
+    """Verified in the mode the variant means: after the fallback with plain trust=auto,
+    straight to portable from the memory (once the warm-up taught it the server)."""
     tls = outcome.tls
     if not outcome.ok or tls is None:
         return False
     if variant == "native":
         return tls.trust == "native" and not tls.fallback
-    return tls.trust == "portable" and tls.fallback is (variant != "portable")
+    return tls.trust == "portable" and (tls.fallback, tls.remembered) == (
+        variant == "auto",
+        variant == "auto+memory",
+    )
 
 
 def system_bundle_with(ca_file: Path, folder: Path) -> Path:

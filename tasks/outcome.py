@@ -50,6 +50,7 @@ class TlsInfo(_Frozen):
     cipher: str | None = None
     trust: str | None = None  # the trust mode of the last handshake: native or portable
     fallback: bool = False  # the portable retry after a native tls_untrusted ran
+    remembered: bool = False  # started in portable: the trust memory holds this server
     verified: bool = False
     cert: CertInfo | None = None
 

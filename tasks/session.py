@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import ssl
 import time
@@ -322,13 +321,14 @@ class _Connection:
                 return
         raise _auth_unavailable(offered, "PLAIN or LOGIN")
 
-    def tls_info(self, *, fallback: bool, cert: CertInfo | None) -> TlsInfo:
+    def tls_info(self, *, fallback: bool, remembered: bool, cert: CertInfo | None) -> TlsInfo:
         return TlsInfo(
             version=self.tls_version,
             cipher=self.cipher,
             # No handshake began (a DNS or connect failure): no trust mode was used.
             trust=self.trust if self.tls_began else None,
             fallback=fallback,
+            remembered=remembered,
             verified=self.verified,
             cert=cert,
         )
@@ -390,14 +390,14 @@ def _preferred_mode(request: SessionRequest) -> TrustMode:
     return "portable" if request.names_a_ca else "native"
 
 
-def _trust_modes(request: SessionRequest, *, needs_portable: bool) -> list[TrustMode | None]:
+def _trust_modes(request: SessionRequest, *, remembered: bool) -> list[TrustMode | None]:
     """The trust modes to try, in order: the second only after tls_untrusted."""
     if request.effective_security == "plain":
         return [None]
     if request.trust == "auto":
-        # A server that needed the portable store last time starts there; it still counts
-        # as the fallback, and native gets its turn if portable no longer verifies it.
-        first = "portable" if needs_portable else _preferred_mode(request)
+        # A server the trust memory holds starts in the portable store (no fallback: native
+        # never ran), and native gets its turn if portable no longer verifies it.
+        first = "portable" if remembered else _preferred_mode(request)
         return ["portable", "native"] if first == "portable" else ["native", "portable"]
     return [request.trust]
 
@@ -429,10 +429,16 @@ async def run_attempt(
             return stopped(request, exc, attempt=attempt, started=started)
     ehlo_name = request.ehlo_name or await local_hostname()
     security = request.effective_security
-    pem_digest = hashlib.sha256(request.ca_pem.encode()).hexdigest() if request.ca_pem else None
-    memory_key = (request.connect_host, request.effective_port, request.ca_file, pem_digest)
-    remembered = trust_memory is not None and trust_memory.needs_portable(memory_key)
-    modes = _trust_modes(request, needs_portable=remembered)
+    # The memory serves trust=auto where native trust comes first: a request that names its
+    # CA starts in the portable store anyway.
+    memory = (
+        trust_memory
+        if request.trust == "auto" and security != "plain" and not request.names_a_ca
+        else None
+    )
+    memory_key = (request.connect_host, request.effective_port)
+    remembered = memory is not None and memory.needs_portable(memory_key)
+    modes = _trust_modes(request, remembered=remembered)
     addresses: list[AddressInfo] | None = None
     timings: dict[str, float] = {}
     for index, mode in enumerate(modes):
@@ -446,14 +452,13 @@ async def run_attempt(
         last = index == len(modes) - 1
         if failure is None or failure.category is not ErrorCategory.TLS_UNTRUSTED or last:
             break
-    # Verified in the other store than the preferred one: the fallback ran now, or it ran
-    # before and the trust memory starts this server in the portable store.
-    fallback = request.trust == "auto" and connection.trust != _preferred_mode(request)
-    if trust_memory is not None and request.trust == "auto" and security != "plain":
+    # The fallback: native trust ran in this attempt, refused the chain, and portable followed.
+    fallback = index > 0 and modes[0] == "native"
+    if memory is not None:
         if failure is None:
-            trust_memory.remember(memory_key, connection.trust)
+            memory.remember(memory_key, connection.trust)
         elif failure.category is ErrorCategory.TLS_UNTRUSTED:
-            trust_memory.remember(memory_key, None)
+            memory.remember(memory_key, None)
     cert = connection.cert
     if failure is not None and failure.is_certificate_failure and connection.address:
         cert = await fetch_unverified_certificate(
@@ -467,6 +472,7 @@ async def run_attempt(
     message, hint = ("", None)
     if failure is not None:
         message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
+    tls = connection.tls_info(fallback=fallback, remembered=remembered, cert=cert)
     return Outcome(
         ok=failure is None,
         err_message=message,
@@ -481,7 +487,7 @@ async def run_attempt(
         address=connection.address,
         security=security,
         target=request.target,
-        tls=None if security == "plain" else connection.tls_info(fallback=fallback, cert=cert),
+        tls=None if security == "plain" else tls,
         server=connection.server,
         authenticated=connection.authenticated,
         timings=Timings(**timings, total=round(time.time() - started, 6)),

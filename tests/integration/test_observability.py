@@ -459,8 +459,12 @@ retries = 1
 """
 
 
-async def run_round(client: Celery, adhoc: SmtpServer) -> None:
-    """One request of each kind; each outcome is what its server makes it."""
+async def run_round(client: Celery, adhoc: SmtpServer, *, relay_remembered: bool) -> None:
+    """One request of each kind; each outcome is what its server makes it.
+
+    The relay falls back from native to portable trust once; from then on the worker's
+    trust memory starts it in portable (`relay_remembered`).
+    """
     results = [
         client.send_task(CHECK_TARGET_TASK, kwargs={"name": name})
         for name in ("relay", "backup", "flaky")
@@ -469,8 +473,9 @@ async def run_round(client: Celery, adhoc: SmtpServer) -> None:
     outcomes = await outcomes_of(results)
     assert len(outcomes) == ROUND
     relay, backup, flaky, adhoc_outcome = outcomes
-    assert relay["ok"] is True and relay["tls"]["fallback"] is True, relay
-    assert relay["tls"]["trust"] == "portable", relay
+    assert relay["ok"] is True and relay["tls"]["trust"] == "portable", relay
+    tls = relay["tls"]
+    assert (tls["fallback"], tls["remembered"]) == (not relay_remembered, relay_remembered), tls
     assert backup["error"] == "refused", backup
     assert (flaky["error"], flaky["attempts"]) == ("smtp_transient", 2), flaky
     assert adhoc_outcome["ok"] is True, adhoc_outcome
@@ -531,11 +536,13 @@ async def test_real_prometheus_scraping_a_real_worker_has_data_for_every_query(
     async def query(expr: str) -> list[Result]:
         return await asyncio.to_thread(prometheus.query, expr)
 
-    # rate() and increase() need two samples with a change between them: a round of
-    # sessions, a scrape that saw it, a second round, a scrape that saw that.
-    await run_round(celery_client, adhoc)
+    # rate() and increase() need two samples with a change between them: a scrape of the
+    # zeros the worker exports at start, a round of sessions, a scrape that saw it, a
+    # second round, a scrape that saw that. The relay's one fallback is in the first.
+    await wait_for('smtp_session_tls_fallback_total{target="relay"}')
+    await run_round(celery_client, adhoc, relay_remembered=False)
     await wait_for("sum(smtp_session_opens_total)", opens_reach(ROUND))
-    await run_round(celery_client, adhoc)
+    await run_round(celery_client, adhoc, relay_remembered=True)
     await wait_for("sum(smtp_session_opens_total)", opens_reach(2 * ROUND))
 
     # Each alert whose condition can hold within seconds holds, for its own subject only

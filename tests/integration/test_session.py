@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trustme
 
-from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.outcome import Outcome, TlsInfo
 from smtp_session.tasks.session import RetryPolicy, open_session
 from smtp_session.tasks.trust_memory import TrustMemory
 from tests.servers import (
@@ -29,6 +29,8 @@ SECRETS = {
     "SMTP_SESSION_SECRET_OAUTH": f'{{"username": "{USER}", "oauth2_token": "{TOKEN}"}}',
 }
 FAST_RETRY = RetryPolicy(base=0.01, cap=0.02)
+#: How late the greeting of a slow server comes.
+GREETING_DELAY = 0.25
 
 
 class RecordingSleep:
@@ -98,6 +100,18 @@ async def test_ca_known_only_to_portable_bundle_falls_back(
     assert (outcome.tls.trust, outcome.tls.fallback) == ("portable", True)
     assert outcome.attempts == 1  # the fallback is a second connection, not an attempt
     assert server.connections_accepted == 2
+
+
+async def test_timings_add_up_every_connection_of_the_attempt(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    # Each greeting comes GREETING_DELAY late, and the trust fallback waits for two.
+    server = await smtp_server_factory(mode="starttls", greeting_delay=GREETING_DELAY)
+    outcome = await session(server.port, extra_ca_file=ca_pem_path)
+    assert outcome.ok and outcome.tls is not None and outcome.tls.fallback, outcome
+    assert server.connections_accepted == 2
+    banner = outcome.timings.banner
+    assert banner is not None and banner >= 2 * GREETING_DELAY * 0.9, outcome.timings
 
 
 async def test_a_requests_ca_file_is_trusted_from_the_first_handshake(
@@ -330,6 +344,15 @@ async def test_unresolvable_host() -> None:
     assert outcome.err_message.startswith("could not resolve no-such-host.invalid")
 
 
+async def test_no_trust_mode_where_no_handshake_began(refused_port: tuple[str, int]) -> None:
+    # STARTTLS was asked for, but the name did not resolve or nobody answered: no TLS ran.
+    _, port = refused_port
+    for request in ({"host": LOOPBACK, "port": port}, {"host": "no-such-host.invalid"}):
+        outcome = await open_session({**request, "retries": 0})
+        assert (outcome.error, outcome.security) in (("refused", "starttls"), ("dns", "starttls"))
+        assert outcome.tls == TlsInfo(), outcome
+
+
 # ----------------------------------------------------------------------------- hostile servers
 
 
@@ -465,20 +488,39 @@ def test_outcome_json_round_trips() -> None:
 # ----------------------------------------------------------------------------- trust memory
 
 
-async def test_trust_memory_skips_the_failing_native_handshake(
+class FakeClock:
+    """A monotonic clock for the trust memory that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_trust_memory_skips_the_failing_native_handshake_until_its_ttl(
     smtp_server_factory: SmtpServerFactory, ca_pem_path: str
 ) -> None:
     server = await smtp_server_factory(mode="starttls")
-    memory = TrustMemory(capacity=8)
+    clock = FakeClock()
+    memory = TrustMemory(capacity=8, ttl=60.0, clock=clock)
     request = {"host": LOOPBACK, "port": server.port}
-    first = await open_session(request, trust_memory=memory, extra_ca_file=ca_pem_path)
-    assert server.connections_accepted == 2  # native refused, portable verified
-    second = await open_session(request, trust_memory=memory, extra_ca_file=ca_pem_path)
-    assert server.connections_accepted == 3  # straight to portable
-    for outcome in (first, second):
-        assert outcome.ok
-        assert outcome.tls is not None
-        assert (outcome.tls.trust, outcome.tls.fallback) == ("portable", True)
+
+    async def check() -> tuple[str | None, bool, bool]:
+        outcome = await open_session(request, trust_memory=memory, extra_ca_file=ca_pem_path)
+        assert outcome.ok and outcome.tls is not None, outcome
+        return outcome.tls.trust, outcome.tls.fallback, outcome.tls.remembered
+
+    assert await check() == ("portable", True, False)  # native refused, portable verified
+    assert server.connections_accepted == 2
+    clock.now = 59.0
+    # Straight to portable: native never ran, so no fallback is counted.
+    assert await check() == ("portable", False, True)
+    assert server.connections_accepted == 3
+    clock.now = 60.0
+    # The time-to-live is over: native is tried again, refuses, and the fallback is real.
+    assert await check() == ("portable", True, False)
+    assert server.connections_accepted == 5
 
 
 async def test_trust_memory_falls_back_to_native_when_portable_stops_verifying(
@@ -488,10 +530,33 @@ async def test_trust_memory_falls_back_to_native_when_portable_stops_verifying(
 ) -> None:
     server = await smtp_server_factory(mode="starttls")
     memory = TrustMemory()
-    memory.remember((LOOPBACK, server.port, None, None), "portable")
+    memory.remember((LOOPBACK, server.port), "portable")
     monkeypatch.setenv("SSL_CERT_FILE", ca_pem_path)  # now only the native store knows the CA
     outcome = await open_session({"host": LOOPBACK, "port": server.port}, trust_memory=memory)
     assert outcome.ok
     assert outcome.tls is not None
-    assert (outcome.tls.trust, outcome.tls.fallback) == ("native", False)
-    assert not memory.needs_portable((LOOPBACK, server.port, None, None))
+    # Portable first (remembered), then native: not the fallback of native to portable.
+    assert (outcome.tls.trust, outcome.tls.fallback, outcome.tls.remembered) == (
+        "native",
+        False,
+        True,
+    )
+    assert not memory.needs_portable((LOOPBACK, server.port))
+
+
+async def test_a_request_naming_its_ca_is_not_remembered(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str
+) -> None:
+    # It starts in the portable store by itself: the memory has nothing to say about it.
+    server = await smtp_server_factory(mode="starttls")
+    memory = TrustMemory()
+    request = {"host": LOOPBACK, "port": server.port, "ca_file": ca_pem_path}
+    for _ in range(2):
+        outcome = await open_session(request, trust_memory=memory)
+        assert outcome.ok and outcome.tls is not None, outcome
+        assert (outcome.tls.trust, outcome.tls.fallback, outcome.tls.remembered) == (
+            "portable",
+            False,
+            False,
+        )
+    assert len(memory) == 0
