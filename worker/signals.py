@@ -83,6 +83,8 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
         level=level if isinstance(level, int) else logging.INFO,
         stream=sys.stderr,
     )
+    # Celery internals (no signal or setting routes these lines), pinned to the installed
+    # Celery by tests/unit/test_celery_internals.py.
     celery_worker.safe_say = _say
     if settings.log_format == "json":
         celery_worker.Worker.emit_banner = _banner_as_log

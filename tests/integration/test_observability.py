@@ -21,6 +21,8 @@ import json
 import os
 import select
 import signal
+import subprocess
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,9 @@ from smtp_session.tasks.outcome import Outcome
 from smtp_session.tasks.session import open_session
 from smtp_session.worker import signals as worker_signals
 from tests.integration.conftest import (
+    APP,
+    BIN,
+    PING_TIMEOUT,
     START_TIMEOUT,
     STOP_TIMEOUT,
     RedisServer,
@@ -367,6 +372,37 @@ async def test_every_line_the_worker_writes_is_one_json_object(
         assert event["err_message"] == retried_outcome["err_message"]
         assert event["stage"] == retried_outcome["stage"]
     assert retried_result["attempt"] == 2
+
+
+def test_the_celery_command_writes_its_banner_and_notices_as_json_to_stderr(
+    redis_server: RedisServer, celery_client: Celery, tmp_path: Path
+) -> None:
+    # Started the other documented way, with stdout and stderr apart: the banner and the
+    # warm-shutdown notice, which Celery prints bare to stdout, are JSON lines on stderr
+    # (worker/signals.py replaces Celery's Worker.emit_banner and safe_say for that).
+    env = worker_env(
+        tmp_path / "data",
+        {"SMTP_SESSION_BROKER_URL": redis_server.url, "SMTP_SESSION_LOG_FORMAT": "json"},
+    )
+    argv = [str(BIN / "celery"), "-A", APP, "worker", "--loglevel=INFO", "--concurrency=2"]
+    pipe = subprocess.PIPE
+    with subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe) as run:
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not celery_client.control.ping(timeout=PING_TIMEOUT, limit=1):
+                assert run.poll() is None and time.monotonic() < deadline, "worker not ready"
+            run.send_signal(signal.SIGTERM)
+            stdout, stderr = run.communicate(timeout=STOP_TIMEOUT)
+        finally:
+            run.kill()  # nothing to do once it has exited
+
+    assert run.returncode == 0, stderr
+    assert stdout == b""
+    events = [json_object(line) for line in stderr.decode().splitlines()]
+    (banner,) = [event for event in events if event["event"] == "worker.starting"]
+    assert "concurrency: 2 (thread)" in banner["info"], banner
+    notices = [event["message"] for event in events if event["event"] == "celery.notice"]
+    assert any("Warm shutdown" in notice for notice in notices), notices
 
 
 def timestamp(event: Mapping[str, Any]) -> float:
