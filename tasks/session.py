@@ -18,7 +18,14 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
-from aiosmtplib import SMTP, SMTPException, SMTPResponse
+from aiosmtplib import (
+    SMTP,
+    SMTPAuthenticationError,
+    SMTPException,
+    SMTPResponse,
+    SMTPStatus,
+)
+from aiosmtplib.auth import auth_xoauth2_encode
 
 from smtp_session.tasks.classify import (
     CERT_HAS_EXPIRED,
@@ -31,6 +38,11 @@ from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
+from smtp_session.tasks.provider_replies import (
+    describe_xoauth2_challenge,
+    is_rate_limited,
+    reply_hint,
+)
 from smtp_session.tasks.request import (
     IMPLICIT_TLS_PORT,
     MAX_HOST_LENGTH,
@@ -61,15 +73,25 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with "equal jitter": half the step fixed, half random."""
+    """Exponential backoff with "equal jitter": half the step fixed, half random.
+
+    A rate-limited attempt (a reply tasks.provider_replies marks so: too many logins, try
+    again later) skips the ramp and waits the long backoff, the capped step, from its first
+    retry: 15-30 s by default, never the quick 0.5-1 s. The cap stays the longest wait, as
+    the broker's redelivery timeout and a sweep's time limit expect.
+    """
 
     base: float = DEFAULT_BACKOFF_BASE
     cap: float = MAX_BACKOFF
 
-    def delay(self, attempt: int) -> float:
+    def delay(self, attempt: int, *, rate_limited: bool = False) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        step = min(self.cap, self.base * 2 ** (attempt - 1))
+        step = self.cap if rate_limited else min(self.cap, self.base * 2 ** (attempt - 1))
         return float(step / 2 + random.uniform(0, step / 2))
+
+    def after(self, outcome: Outcome) -> float:
+        """Seconds to wait between `outcome`'s attempt and the next one."""
+        return self.delay(outcome.attempts, rate_limited=is_rate_limited(outcome))
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
@@ -119,6 +141,7 @@ class _Connection:
         self.credentials = credentials
         self.trust = trust
         self.ehlo_name = ehlo_name
+        self.mechanism: str | None = None  # the AUTH mechanism used, once AUTH began
         self.implicit_tls = request.effective_security == "tls"
         self.stage = Stage.RESOLVE
         self.timings: dict[str, float] = {}
@@ -305,17 +328,18 @@ class _Connection:
             size_limit=int(size) if size.isascii() and size.isdigit() and len(size) < 20 else None,
         )
 
-    @staticmethod
-    async def _authenticate(smtp: SMTP, credentials: Credentials) -> None:
+    async def _authenticate(self, smtp: SMTP, credentials: Credentials) -> None:
         offered = smtp.server_auth_methods
         if credentials.oauth2_token is not None:
             if "xoauth2" not in offered:
                 raise _auth_unavailable(offered, "XOAUTH2")
-            await smtp.auth_xoauth2(credentials.username, credentials.oauth2_token)
+            self.mechanism = "XOAUTH2"
+            await _auth_xoauth2(smtp, credentials.username, credentials.oauth2_token)
             return
         password = credentials.password or ""
         for mechanism in PASSWORD_MECHANISMS:
             if mechanism in offered:
+                self.mechanism = mechanism.upper()
                 method = smtp.auth_plain if mechanism == "plain" else smtp.auth_login
                 await method(credentials.username, password)
                 return
@@ -331,6 +355,25 @@ class _Connection:
             verified=self.verified,
             cert=cert,
         )
+
+
+async def _auth_xoauth2(smtp: SMTP, username: str, token: str) -> None:
+    """XOAUTH2 as aiosmtplib's auth_xoauth2 speaks it, keeping the server's error challenge.
+
+    A server refusing the token answers 334 with why (Gmail: base64 JSON with a status and
+    the scope it wants), then refuses with the empty reply: aiosmtplib answers the
+    challenge and drops it, which leaves only a "535 Username and Password not accepted".
+    """
+    reply = await smtp.execute_command(b"AUTH", b"XOAUTH2", auth_xoauth2_encode(username, token))
+    challenge = None
+    if reply.code == SMTPStatus.auth_continue:
+        challenge = reply.message
+        reply = await smtp.execute_command(b"")
+    if reply.code != SMTPStatus.auth_successful:
+        said = reply.message
+        if challenge is not None:  # a line of its own: redacted and bounded with the reply
+            said += "\n" + describe_xoauth2_challenge(challenge)
+        raise SMTPAuthenticationError(reply.code, said)
 
 
 def _auth_unavailable(offered: list[str], wanted: str) -> SessionFailure:
@@ -466,6 +509,7 @@ async def run_attempt(
     message, hint = ("", None)
     if failure is not None:
         message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
+        hint = reply_hint(failure, mechanism=connection.mechanism) or hint
     return Outcome(
         ok=failure is None,
         err_message=message,
@@ -598,7 +642,7 @@ async def open_session(
         report(outcome, final=False, observers=observers)
         if outcome.ok or not outcome.retryable or attempt > session_request.retries:
             break
-        await sleep(retry_policy.delay(attempt))
+        await sleep(retry_policy.after(outcome))
         attempt += 1
     report(outcome, final=True, observers=observers)
     return outcome
