@@ -49,7 +49,13 @@ from smtp_session.tasks.request import (
     SessionRequest,
     parse_request,
 )
-from smtp_session.tasks.resolve import AddressInfo, connect_first, local_hostname, resolve
+from smtp_session.tasks.resolve import (
+    AddressInfo,
+    address_literal,
+    connect_first,
+    local_fqdn,
+    resolve,
+)
 from smtp_session.tasks.secrets import Credentials, resolve_credentials
 from smtp_session.tasks.trust import (
     TrustMode,
@@ -128,7 +134,7 @@ class _Connection:
         request: SessionRequest,
         credentials: Credentials | None,
         trust: TrustMode | None,
-        ehlo_name: str,
+        ehlo_name: str | None,
         extra_ca_file: str | None = None,
         guards: Guards = UNGUARDED,
         addresses: list[AddressInfo] | None = None,
@@ -140,6 +146,7 @@ class _Connection:
         self.addresses = addresses
         self.credentials = credentials
         self.trust = trust
+        # None: the address literal of this connection's own end, once connected.
         self.ehlo_name = ehlo_name
         self.mechanism: str | None = None  # the AUTH mechanism used, once AUTH began
         self.implicit_tls = request.effective_security == "tls"
@@ -256,6 +263,7 @@ class _Connection:
             sock = await connect_first(addresses, connect_deadline, tried)
         finally:
             self.address = tried[-1] if tried else None
+        self.ehlo_name = self.ehlo_name or address_literal(sock.getsockname()[0])
         smtp = self._smtp = SMTP(
             hostname=request.connect_host,
             sock=sock,
@@ -469,7 +477,7 @@ async def run_attempt(
             guards.egress.check_port(request.effective_port)
         except SessionFailure as exc:
             return stopped(request, exc, attempt=attempt, started=started)
-    ehlo_name = request.ehlo_name or await local_hostname()
+    ehlo_name = request.ehlo_name or await local_fqdn()
     security = request.effective_security
     pem_digest = hashlib.sha256(request.ca_pem.encode()).hexdigest() if request.ca_pem else None
     memory_key = (request.connect_host, request.effective_port, request.ca_file, pem_digest)
@@ -497,13 +505,14 @@ async def run_attempt(
         elif failure.category is ErrorCategory.TLS_UNTRUSTED:
             trust_memory.remember(memory_key, None)
     cert = connection.cert
-    if failure is not None and failure.is_certificate_failure and connection.address:
+    certificate_refused = failure is not None and failure.is_certificate_failure
+    if certificate_refused and connection.address and connection.ehlo_name:
         cert = await fetch_unverified_certificate(
             address=connection.address,
             port=request.effective_port,
             server_hostname=request.connect_host,
             implicit_tls=connection.implicit_tls,
-            local_hostname=ehlo_name,
+            local_hostname=connection.ehlo_name,
             seconds=connection.remaining(),
         )
     message, hint = ("", None)
