@@ -22,6 +22,7 @@ from aiosmtplib import (
     SMTP,
     SMTPAuthenticationError,
     SMTPException,
+    SMTPHeloError,
     SMTPResponse,
     SMTPStatus,
 )
@@ -68,6 +69,8 @@ from smtp_session.tasks.trust_memory import TrustMemory
 DEFAULT_BACKOFF_BASE = 1.0
 MAX_BACKOFF = 30.0
 PASSWORD_MECHANISMS = ("plain", "login")  # in order of preference; one try, no lockouts
+# EHLO replies that mean "no such command" (RFC 5321 §4.1.1.1): the client falls back to HELO.
+EHLO_UNKNOWN = frozenset({500, 502})
 # The stages that connect_timeout bounds together; the later ones are command_timeout's.
 CONNECT_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.BANNER})
 # A timer fires at or just after its deadline: this close to the attempt's, it was that one.
@@ -278,7 +281,7 @@ class _Connection:
         if self.implicit_tls:
             self._record_tls(smtp)
         command_timeout = request.effective_command_timeout
-        await self._bounded(Stage.EHLO, smtp.ehlo(), command_timeout)
+        await self._bounded(Stage.EHLO, self._hello(smtp), command_timeout)
         self._record_server(smtp)
         if request.effective_security == "starttls":
             if not smtp.supports_extension("starttls"):
@@ -299,6 +302,22 @@ class _Connection:
         with contextlib.suppress(SMTPException, OSError):  # QUIT is sent: its reply is moot
             await self._bounded(Stage.QUIT, smtp.quit(), command_timeout)
         self._enter(Stage.DONE)
+
+    async def _hello(self, smtp: SMTP) -> None:
+        """EHLO; HELO instead from a server without EHLO, when no extension is needed.
+
+        STARTTLS and AUTH are extensions: without EHLO the server offers neither, so then
+        its refusal stands (a hint says so).
+        """
+        try:
+            await smtp.ehlo()
+        except SMTPHeloError as exc:
+            needs_extensions = (
+                self.request.effective_security == "starttls" or self.credentials is not None
+            )
+            if exc.code not in EHLO_UNKNOWN or needs_extensions or not smtp.is_connected:
+                raise
+            await smtp.helo()
 
     async def _greet(self, smtp: SMTP, connect_deadline: float) -> SMTPResponse:
         # aiosmtplib runs the implicit TLS handshake and reads the greeting in one call;

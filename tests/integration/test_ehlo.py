@@ -1,4 +1,4 @@
-"""The client's greeting: the name it sends in EHLO."""
+"""The client's greeting: the name it sends in EHLO, and HELO for servers without EHLO."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 
 from smtp_session.tasks import resolve
 from smtp_session.tasks.session import open_session
-from tests.integration.test_session import session
+from tests.integration.test_session import PASSWORD, USER, session
 from tests.servers import SmtpServer, SmtpServerFactory
 
 EHLO_NAME = "probe.example"
+NOT_RECOGNIZED = "502 5.5.2 Error: command not recognized"
 
 SetFqdn = Callable[[str], None]
 
@@ -68,3 +69,43 @@ async def test_a_public_fqdn_is_the_ehlo_name_unless_the_request_gives_one(
     outcome = await session(server.port, security="plain", **fields)
     assert outcome.ok, outcome.err_message
     assert server.commands[0].arg == sent
+
+
+# ----------------------------------------------------------------------------- HELO
+
+
+@pytest.mark.parametrize("refusal", [NOT_RECOGNIZED, "500 5.5.1 Command unrecognized"])
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+async def test_a_helo_only_server_gets_helo_when_no_extension_is_needed(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str, refusal: str, mode: str
+) -> None:
+    # RFC 5321 §4.1.1.1: EHLO "not recognized" (500, 502) is answered with HELO.
+    server = await smtp_server_factory(mode=mode, replies={"EHLO": refusal})  # type: ignore[arg-type]
+    outcome = await session(server.port, security=mode, ca_file=ca_pem_path, ehlo_name=EHLO_NAME)
+    assert outcome.ok, outcome.err_message
+    assert [(command.verb, command.arg) for command in server.commands] == [
+        ("EHLO", EHLO_NAME),
+        ("HELO", EHLO_NAME),
+        ("QUIT", ""),
+    ]
+    assert outcome.server is not None
+    assert (outcome.server.extensions, outcome.server.auth_mechanisms) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("mode", "credentials"), [("starttls", None), ("starttls", "good"), ("tls", "good")]
+)
+async def test_without_ehlo_no_extension_is_assumed(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str, mode: str, credentials: str | None
+) -> None:
+    # STARTTLS and AUTH are extensions, which only EHLO offers: HELO would not make them
+    # appear, so the refusal stands (its hint: tests/integration/test_provider_replies.py).
+    server = await smtp_server_factory(
+        mode=mode,  # type: ignore[arg-type]
+        auth={USER: PASSWORD},
+        replies={"EHLO": NOT_RECOGNIZED},
+    )
+    fields = {"credentials": credentials} if credentials else {}
+    outcome = await session(server.port, security=mode, ca_file=ca_pem_path, **fields)
+    assert (outcome.error, outcome.stage, outcome.smtp_code) == ("smtp_permanent", "ehlo", 502)
+    assert server.verbs == ["EHLO"]  # no HELO, no STARTTLS, no AUTH
