@@ -194,7 +194,7 @@ def run_session_task(
         report(outcome, final=False, observers=observers)
         if not outcome.ok and outcome.retryable and attempt <= request.retries:
             raise task.retry(
-                countdown=DEFAULT_RETRY_POLICY.delay(attempt),
+                countdown=DEFAULT_RETRY_POLICY.after(outcome),
                 max_retries=request.retries,
                 headers={STARTED_HEADER: started},
                 # A scheduled check's `expires` is its interval; its retries are not stale.

@@ -83,7 +83,9 @@ PLATFORM_CODES = (
 )
 _BY_CODE = {row.code: row for row in PLATFORM_CODES}
 
-MAX_QUOTED_REPLY = 120
+# Room for a provider's whole refusal, every line of it: Gmail's two-line 535 with its
+# help link, Microsoft's 5.7.139 with its link and server stamp (about 240 characters).
+MAX_QUOTED_REPLY = 300
 _E = TypeVar("_E", bound=BaseException)
 _ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 _BEFORE_GREETING = frozenset({Stage.RESOLVE, Stage.CONNECT, Stage.TLS, Stage.BANNER})

@@ -18,7 +18,13 @@ from typing import Any, TypeVar
 from aiohappyeyeballs import AddrInfoType, start_connection
 
 AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
-LOCAL_NAME_TIMEOUT = 2.0  # then EHLO says the plain host name instead of the FQDN
+LOCAL_NAME_TIMEOUT = 2.0  # then EHLO says the connection's address literal instead
+#: Names no public DNS answers for, which strict servers refuse in EHLO: RFC 6761's
+#: localhost, invalid and test, RFC 6762's local (mDNS), RFC 8375's home.arpa, ICANN's
+#: private-use internal, and the localdomain of many /etc/hosts files.
+NON_PUBLIC_SUFFIXES = frozenset(
+    {"localhost", "localdomain", "local", "internal", "home.arpa", "invalid", "test"}
+)
 #: RFC 8305 §5 "Connection Attempt Delay": its recommended 250 ms before the next address.
 HAPPY_EYEBALLS_DELAY = 0.25
 
@@ -76,8 +82,17 @@ async def resolve(host: str, port: int) -> list[AddressInfo]:
     return [(int(f), int(k), p, name, tuple(a)) for f, k, p, name, a in found]
 
 
-async def local_hostname() -> str:
-    """This machine's name for EHLO: its FQDN, looked up once per process, within a bound."""
+def is_public_fqdn(name: str) -> bool:
+    """Whether `name` is a fully qualified DNS name that public DNS may know (for EHLO)."""
+    labels = name.lower().rstrip(".").split(".")
+    if len(labels) < 2 or literal_address(name, 0) is not None:
+        return False
+    return not {labels[-1], ".".join(labels[-2:])} & NON_PUBLIC_SUFFIXES
+
+
+async def local_fqdn() -> str | None:
+    """This machine's FQDN for EHLO, looked up once per process within a bound; None when
+    it has none that strict servers accept (socket.getfqdn() says `localhost` on many)."""
     if not _local_name:
         try:
             async with asyncio.timeout(LOCAL_NAME_TIMEOUT):
@@ -85,7 +100,15 @@ async def local_hostname() -> str:
         except TimeoutError:
             name = socket.gethostname()
         _local_name.append(name)
-    return _local_name[0]
+    return _local_name[0] if is_public_fqdn(_local_name[0]) else None
+
+
+def address_literal(address: str) -> str:
+    """EHLO's stand-in for a name (RFC 5321 §4.1.3): `[192.0.2.10]`, `[IPv6:2001:db8::1]`."""
+    ip = ipaddress.ip_address(address.partition("%")[0])  # no zone in a literal
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"[{ip}]" if ip.version == 4 else f"[IPv6:{ip}]"
 
 
 async def connect_first(

@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
-from aiosmtplib import SMTP, SMTPException, SMTPResponse
+from aiosmtplib import (
+    SMTP,
+    SMTPAuthenticationError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponse,
+    SMTPStatus,
+)
+from aiosmtplib.auth import auth_xoauth2_encode
 
 from smtp_session.tasks.classify import (
     CERT_HAS_EXPIRED,
@@ -30,13 +38,24 @@ from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
+from smtp_session.tasks.provider_replies import (
+    describe_xoauth2_challenge,
+    is_rate_limited,
+    reply_hint,
+)
 from smtp_session.tasks.request import (
     IMPLICIT_TLS_PORT,
     MAX_HOST_LENGTH,
     SessionRequest,
     parse_request,
 )
-from smtp_session.tasks.resolve import AddressInfo, connect_first, local_hostname, resolve
+from smtp_session.tasks.resolve import (
+    AddressInfo,
+    address_literal,
+    connect_first,
+    local_fqdn,
+    resolve,
+)
 from smtp_session.tasks.secrets import Credentials, resolve_credentials
 from smtp_session.tasks.trust import (
     SMTPClient,
@@ -50,6 +69,8 @@ from smtp_session.tasks.trust_memory import TrustMemory
 DEFAULT_BACKOFF_BASE = 1.0
 MAX_BACKOFF = 30.0
 PASSWORD_MECHANISMS = ("plain", "login")  # in order of preference; one try, no lockouts
+# EHLO replies that mean "no such command" (RFC 5321 §4.1.1.1): the client falls back to HELO.
+EHLO_UNKNOWN = frozenset({500, 502})
 # The stages that connect_timeout bounds together; the later ones are command_timeout's.
 CONNECT_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.BANNER})
 # A timer fires at or just after its deadline: this close to the attempt's, it was that one.
@@ -61,15 +82,25 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with "equal jitter": half the step fixed, half random."""
+    """Exponential backoff with "equal jitter": half the step fixed, half random.
+
+    A rate-limited attempt (a reply tasks.provider_replies marks so: too many logins, try
+    again later) skips the ramp and waits the long backoff, the capped step, from its first
+    retry: 15-30 s by default, never the quick 0.5-1 s. The cap stays the longest wait, as
+    the broker's redelivery timeout and a sweep's time limit expect.
+    """
 
     base: float = DEFAULT_BACKOFF_BASE
     cap: float = MAX_BACKOFF
 
-    def delay(self, attempt: int) -> float:
+    def delay(self, attempt: int, *, rate_limited: bool = False) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        step = min(self.cap, self.base * 2 ** (attempt - 1))
+        step = self.cap if rate_limited else min(self.cap, self.base * 2 ** (attempt - 1))
         return float(step / 2 + random.uniform(0, step / 2))
+
+    def after(self, outcome: Outcome) -> float:
+        """Seconds to wait between `outcome`'s attempt and the next one."""
+        return self.delay(outcome.attempts, rate_limited=is_rate_limited(outcome))
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
@@ -106,7 +137,7 @@ class _Connection:
         request: SessionRequest,
         credentials: Credentials | None,
         trust: TrustMode | None,
-        ehlo_name: str,
+        ehlo_name: str | None,
         extra_ca_file: str | None = None,
         guards: Guards = UNGUARDED,
         addresses: list[AddressInfo] | None = None,
@@ -118,7 +149,9 @@ class _Connection:
         self.addresses = addresses
         self.credentials = credentials
         self.trust = trust
+        # None: the address literal of this connection's own end, once connected.
         self.ehlo_name = ehlo_name
+        self.mechanism: str | None = None  # the AUTH mechanism used, once AUTH began
         self.implicit_tls = request.effective_security == "tls"
         self.stage = Stage.RESOLVE
         self.timings: dict[str, float] = {}
@@ -233,6 +266,7 @@ class _Connection:
             sock = await connect_first(addresses, connect_deadline, tried)
         finally:
             self.address = tried[-1] if tried else None
+        self.ehlo_name = self.ehlo_name or address_literal(sock.getsockname()[0])
         smtp = self._smtp = SMTPClient(
             hostname=request.connect_host,
             sock=sock,
@@ -247,7 +281,7 @@ class _Connection:
         if self.implicit_tls:
             self._record_tls(smtp)
         command_timeout = request.effective_command_timeout
-        await self._bounded(Stage.EHLO, smtp.ehlo(), command_timeout)
+        await self._bounded(Stage.EHLO, self._hello(smtp), command_timeout)
         self._record_server(smtp)
         if request.effective_security == "starttls":
             if not smtp.supports_extension("starttls"):
@@ -268,6 +302,22 @@ class _Connection:
         with contextlib.suppress(SMTPException, OSError):  # QUIT is sent: its reply is moot
             await self._bounded(Stage.QUIT, smtp.quit(), command_timeout)
         self._enter(Stage.DONE)
+
+    async def _hello(self, smtp: SMTP) -> None:
+        """EHLO; HELO instead from a server without EHLO, when no extension is needed.
+
+        STARTTLS and AUTH are extensions: without EHLO the server offers neither, so then
+        its refusal stands (a hint says so).
+        """
+        try:
+            await smtp.ehlo()
+        except SMTPHeloError as exc:
+            needs_extensions = (
+                self.request.effective_security == "starttls" or self.credentials is not None
+            )
+            if exc.code not in EHLO_UNKNOWN or needs_extensions or not smtp.is_connected:
+                raise
+            await smtp.helo()
 
     async def _greet(self, smtp: SMTP, connect_deadline: float) -> SMTPResponse:
         # aiosmtplib runs the implicit TLS handshake and reads the greeting in one call;
@@ -305,17 +355,18 @@ class _Connection:
             size_limit=int(size) if size.isascii() and size.isdigit() and len(size) < 20 else None,
         )
 
-    @staticmethod
-    async def _authenticate(smtp: SMTP, credentials: Credentials) -> None:
+    async def _authenticate(self, smtp: SMTP, credentials: Credentials) -> None:
         offered = smtp.server_auth_methods
         if credentials.oauth2_token is not None:
             if "xoauth2" not in offered:
                 raise _auth_unavailable(offered, "XOAUTH2")
-            await smtp.auth_xoauth2(credentials.username, credentials.oauth2_token)
+            self.mechanism = "XOAUTH2"
+            await _auth_xoauth2(smtp, credentials.username, credentials.oauth2_token)
             return
         password = credentials.password or ""
         for mechanism in PASSWORD_MECHANISMS:
             if mechanism in offered:
+                self.mechanism = mechanism.upper()
                 method = smtp.auth_plain if mechanism == "plain" else smtp.auth_login
                 await method(credentials.username, password)
                 return
@@ -332,6 +383,25 @@ class _Connection:
             verified=self.verified,
             cert=cert,
         )
+
+
+async def _auth_xoauth2(smtp: SMTP, username: str, token: str) -> None:
+    """XOAUTH2 as aiosmtplib's auth_xoauth2 speaks it, keeping the server's error challenge.
+
+    A server refusing the token answers 334 with why (Gmail: base64 JSON with a status and
+    the scope it wants), then refuses with the empty reply: aiosmtplib answers the
+    challenge and drops it, which leaves only a "535 Username and Password not accepted".
+    """
+    reply = await smtp.execute_command(b"AUTH", b"XOAUTH2", auth_xoauth2_encode(username, token))
+    challenge = None
+    if reply.code == SMTPStatus.auth_continue:
+        challenge = reply.message
+        reply = await smtp.execute_command(b"")
+    if reply.code != SMTPStatus.auth_successful:
+        said = reply.message
+        if challenge is not None:  # a line of its own: redacted and bounded with the reply
+            said += "\n" + describe_xoauth2_challenge(challenge)
+        raise SMTPAuthenticationError(reply.code, said)
 
 
 def _auth_unavailable(offered: list[str], wanted: str) -> SessionFailure:
@@ -427,7 +497,7 @@ async def run_attempt(
             guards.egress.check_port(request.effective_port)
         except SessionFailure as exc:
             return stopped(request, exc, attempt=attempt, started=started)
-    ehlo_name = request.ehlo_name or await local_hostname()
+    ehlo_name = request.ehlo_name or await local_fqdn()
     security = request.effective_security
     # The memory serves trust=auto where native trust comes first: a request that names its
     # CA starts in the portable store anyway.
@@ -460,18 +530,20 @@ async def run_attempt(
         elif failure.category is ErrorCategory.TLS_UNTRUSTED:
             memory.remember(memory_key, None)
     cert = connection.cert
-    if failure is not None and failure.is_certificate_failure and connection.address:
+    certificate_refused = failure is not None and failure.is_certificate_failure
+    if certificate_refused and connection.address and connection.ehlo_name:
         cert = await fetch_unverified_certificate(
             address=connection.address,
             port=request.effective_port,
             server_hostname=request.connect_host,
             implicit_tls=connection.implicit_tls,
-            local_hostname=ehlo_name,
+            local_hostname=connection.ehlo_name,
             seconds=connection.remaining(),
         )
     message, hint = ("", None)
     if failure is not None:
         message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
+        hint = reply_hint(failure, mechanism=connection.mechanism) or hint
     tls = connection.tls_info(fallback=fallback, remembered=remembered, cert=cert)
     return Outcome(
         ok=failure is None,
@@ -605,7 +677,7 @@ async def open_session(
         report(outcome, final=False, observers=observers)
         if outcome.ok or not outcome.retryable or attempt > session_request.retries:
             break
-        await sleep(retry_policy.delay(attempt))
+        await sleep(retry_policy.after(outcome))
         attempt += 1
     report(outcome, final=True, observers=observers)
     return outcome

@@ -68,6 +68,8 @@ EXPIRED_NOT_AFTER = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
 
 #: Reply to a wrong password (PLAIN/LOGIN) or an unknown token (XOAUTH2); Gmail's text.
 AUTH_FAILED_REPLY = "535 5.7.8 Username and Password not accepted"
+#: The XOAUTH2 error challenge's JSON before a refused token's 535 (as Gmail's, base64).
+OAUTH_ERROR = {"status": "401", "schemes": "Bearer", "scope": "https://mail.google.com/"}
 
 #: Bound for every wait these helpers do on an event (never a sleep).
 WAIT_TIMEOUT = 5.0
@@ -87,6 +89,7 @@ RawBehaviour = Literal[
     "silent_after_banner",
     "reset_on_connect",
     "held_session",
+    "held_then_silent",
 ]
 RAW_BEHAVIOURS: tuple[RawBehaviour, ...] = get_args(RawBehaviour)
 
@@ -105,7 +108,7 @@ SLOW_DRIP_START = b"220 "
 SLOW_DRIP_INTERVAL = 0.2
 SLOW_DRIP_TEXT = b"localhost ESMTP slowly "
 #: The held-session server: how long it holds each session before its greeting, like a
-#: far-away provider, then answers EHLO and QUIT at once.
+#: far-away provider, then answers EHLO and QUIT at once (or, held_then_silent, nothing).
 HELD_SESSION_SECONDS = 1.0
 
 _READ_SIZE = 65_536
@@ -296,9 +299,21 @@ class _Handler:
     ) -> list[str]:
         # The five-argument hook must record the EHLO name itself.
         session.host_name = hostname
+        if "EHLO" in self._owner.replies:
+            return [self._owner.replies["EHLO"]]
         if self._owner.advertises_auth:
             return responses
         return [line for line in responses if not line.startswith("250-AUTH")]
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> Any:
+        return self._owner.replies.get("HELO", MISSING)
+
+    async def handle_AUTH(
+        self, server: SMTP, session: Session, envelope: Envelope, args: list[str]
+    ) -> Any:
+        return self._owner.replies.get("AUTH", MISSING)
 
     async def handle_exception(self, error: Exception) -> str:
         # Replaces aiosmtpd's default, which logs a traceback for every failed STARTTLS
@@ -353,8 +368,7 @@ class _Handler:
         )
         if success:
             return AuthResult(success=True, auth_data=username)
-        error = {"status": "401", "schemes": "Bearer", "scope": "https://mail.google.com/"}
-        if await server.challenge_auth(json.dumps(error)) is MISSING:
+        if await server.challenge_auth(json.dumps(self._owner.oauth_error)) is MISSING:
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=AUTH_FAILED_REPLY)
 
@@ -482,6 +496,9 @@ class SmtpServer(_LoopbackServer):
     only for the mechanisms configured, and in ``starttls`` mode only after STARTTLS.
     ``greeting_delay``: seconds each connection waits for its greeting (after the
     handshake, in ``tls`` mode), like a far-away server's.
+    A refused token gets the XOAUTH2 challenge ``oauth_error`` (JSON), then the 535.
+    ``replies`` maps ``EHLO``, ``HELO`` or ``AUTH`` to the reply sent to every such
+    command instead of the server's own (lines joined by CRLF): a provider's refusal.
 
     Records ``commands`` (every command line, in order, over all connections),
     ``auth_attempts``, ``connections_accepted``, ``tls_handshakes_completed``,
@@ -500,6 +517,8 @@ class SmtpServer(_LoopbackServer):
         auth_require_tls: bool | None = None,
         hostname: str = SERVER_HOSTNAME,
         greeting_delay: float = 0.0,
+        replies: Mapping[str, str] | None = None,
+        oauth_error: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if mode not in SMTP_MODES:
@@ -520,6 +539,8 @@ class SmtpServer(_LoopbackServer):
         self.auth_require_tls = mode == "starttls" if auth_require_tls is None else auth_require_tls
         self.hostname = hostname
         self.greeting_delay = greeting_delay
+        self.replies = dict(replies or {})
+        self.oauth_error = dict(oauth_error or OAUTH_ERROR)
 
         self.commands: list[ReceivedCommand] = []
         self.auth_attempts: list[AuthAttempt] = []
@@ -662,6 +683,13 @@ async def _reset_on_connect(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.transport.abort()
 
 
+async def _held_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(HELD_SESSION_SECONDS)  # the fault: a slow greeting, then nothing
+    writer.write(BANNER_SILENT_AFTER)
+    await writer.drain()
+    await _until_eof(reader)
+
+
 async def _held_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await asyncio.sleep(HELD_SESSION_SECONDS)  # the fault: a slow, far-away server
     writer.write(BANNER_OK)
@@ -686,6 +714,7 @@ _BEHAVIOURS: dict[RawBehaviour, Behaviour] = {
     "silent_after_banner": _silent_after_banner,
     "reset_on_connect": _reset_on_connect,
     "held_session": _held_session,
+    "held_then_silent": _held_then_silent,
 }
 
 
@@ -704,6 +733,7 @@ class RawServer(_LoopbackServer):
     * ``reset_on_connect``: accepts, then resets (RST) at once.
     * ``held_session``: greets after :data:`HELD_SESSION_SECONDS`, then answers every
       command with 250 and QUIT with 221: a whole session that takes that long.
+    * ``held_then_silent``: greets after :data:`HELD_SESSION_SECONDS`, then answers nothing.
     """
 
     def __init__(self, behaviour: RawBehaviour) -> None:
@@ -769,6 +799,8 @@ class SmtpServerFactory:
         require_starttls: bool | None = None,
         auth_require_tls: bool | None = None,
         greeting_delay: float = 0.0,
+        replies: Mapping[str, str] | None = None,
+        oauth_error: Mapping[str, str] | None = None,
     ) -> SmtpServer:
         """A started server; ``cert`` defaults to ``good_cert``."""
         server = SmtpServer(
@@ -780,6 +812,8 @@ class SmtpServerFactory:
             require_starttls=require_starttls,
             auth_require_tls=auth_require_tls,
             greeting_delay=greeting_delay,
+            replies=replies,
+            oauth_error=oauth_error,
         )
         await server.start()
         self._servers.append(server)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import ssl
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tests.servers import (
     HELD_SESSION_SECONDS,
     HTTP_400,
     LOOPBACK,
+    OAUTH_ERROR,
     SLOW_DRIP_START,
     AuthAttempt,
     RawBehaviour,
@@ -221,6 +223,50 @@ async def test_xoauth2(smtp_server_factory: SmtpServerFactory, ca: trustme.CA) -
     assert server.verbs == ["EHLO", "STARTTLS", "EHLO", "AUTH", "AUTH", "QUIT"]
 
 
+async def test_xoauth2_error_challenge(
+    smtp_server_factory: SmtpServerFactory, ca: trustme.CA
+) -> None:
+    custom = {"status": "400", "scope": "https://mail.google.com/"}
+    for oauth_error, expected in ((None, OAUTH_ERROR), (custom, custom)):
+        server = await smtp_server_factory(oauth_tokens=TOKENS, oauth_error=oauth_error)
+        async with smtp_client(server, ca, start_tls=True) as client:
+            await client.ehlo()
+            initial = aiosmtplib.auth.auth_xoauth2_encode("alice", "expired-token")
+            challenge = await client.execute_command(b"AUTH", b"XOAUTH2", initial)
+            assert challenge.code == 334
+            assert json.loads(base64.b64decode(challenge.message)) == expected
+            final = await client.execute_command(b"")  # the client's empty answer
+            assert f"{final.code} {final.message}" == AUTH_FAILED_REPLY
+
+
+async def test_replies_replace_the_servers_own(
+    smtp_server_factory: SmtpServerFactory, ca: trustme.CA
+) -> None:
+    helo_only = await smtp_server_factory(
+        mode="plain", replies={"EHLO": "502 5.5.2 Error: command not recognized"}
+    )
+    async with smtp_client(helo_only, ca, start_tls=False) as client:
+        with pytest.raises(aiosmtplib.SMTPHeloError) as refused:
+            await client.ehlo()
+        assert (refused.value.code, refused.value.message) == (
+            502,
+            "5.5.2 Error: command not recognized",
+        )
+        assert (await client.helo()).code == 250  # HELO keeps the server's own reply
+    two_lines = "534-5.7.9 Application-specific password required.\r\n534 5.7.9 Learn more"
+    auth = await smtp_server_factory(auth=USERS, replies={"AUTH": two_lines})
+    async with smtp_client(auth, ca, start_tls=True) as client:
+        await client.ehlo()
+        assert client.server_auth_methods  # EHLO is the server's own, AUTH offered
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as refused_auth:
+            await client.auth_plain("alice", USERS["alice"])  # the right password, even
+        assert (refused_auth.value.code, refused_auth.value.message) == (
+            534,
+            "5.7.9 Application-specific password required.\n5.7.9 Learn more",
+        )
+    assert auth.verbs == ["EHLO", "STARTTLS", "EHLO", "AUTH", "QUIT"]
+
+
 async def test_counts_connections_and_waits_for_idle(
     smtp_server_factory: SmtpServerFactory,
 ) -> None:
@@ -343,6 +389,20 @@ async def test_held_session(raw_server_factory: RawServerFactory) -> None:
     assert await read_line(reader) == b"221 bye\r\n"
     for _, other in opened:
         await close(other)
+    await server.wait_idle()
+
+
+async def test_held_then_silent(raw_server_factory: RawServerFactory) -> None:
+    server = await raw_server_factory("held_then_silent")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection(*server.address)
+    assert (await read_line(reader)).startswith(b"220 ")
+    assert loop.time() - started >= HELD_SESSION_SECONDS * 0.9
+    writer.write(b"EHLO client.example\r\n")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.read(1), QUIET_PERIOD)
+    await close(writer)
     await server.wait_idle()
 
 

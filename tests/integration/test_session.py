@@ -399,6 +399,41 @@ async def test_silent_after_banner_is_a_command_timeout(
     )
 
 
+@pytest.mark.parametrize(
+    ("budgets", "message"),
+    [
+        # The greeting comes after HELD_SESSION_SECONDS (1 s), then nothing answers EHLO.
+        # A stage budget longer than what is left of the attempt: the attempt's deadline
+        # ends the stage, and the message names it, not the stage's budget.
+        (
+            {"timeout": 1.5, "command_timeout": 1.0},
+            "attempt deadline (timeout) of 1.5 s reached while waiting for the EHLO reply",
+        ),
+        (
+            {"timeout": 0.5, "connect_timeout": 5.0},
+            "attempt deadline (timeout) of 0.5 s reached while waiting for the server greeting",
+        ),
+        # A stage budget shorter than the attempt's remainder ends the stage itself.
+        (
+            {"timeout": 3.0, "command_timeout": 0.3},
+            "timed out after 0.3 s while waiting for the EHLO reply (command_timeout of 0.3 s)",
+        ),
+        (
+            {"timeout": 3.0, "connect_timeout": 0.5},
+            "timed out after 0.5 s while waiting for the server greeting "
+            "(connect_timeout of 0.5 s)",
+        ),
+    ],
+)
+async def test_a_timeout_names_the_deadline_that_ended_it(
+    raw_server_factory: RawServerFactory, budgets: dict[str, Any], message: str
+) -> None:
+    server = await raw_server_factory("held_then_silent")
+    outcome = await session(server.port, security="plain", retries=0, **budgets)
+    assert outcome.error == "timeout"
+    assert outcome.err_message == message
+
+
 async def test_a_long_timeout_is_every_stages_budget(raw_server_factory: RawServerFactory) -> None:
     # A slow greeting (the held session: HELD_SESSION_SECONDS) within a generous timeout
     # is waited for: no hidden 5 s cap, nor a smaller one, on the greeting.

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from celery import Celery
+from celery import Celery, signals
 
 from smtp_session.tasks import celery_tasks  # registers the tasks on every app
 from smtp_session.tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
 from smtp_session.tasks.request import parse_request
+from smtp_session.tasks.session import MAX_BACKOFF
 from smtp_session.worker.settings import Settings
 from tests.servers import LOOPBACK, RawServerFactory, SmtpServerFactory
 
@@ -148,3 +150,38 @@ async def test_wrong_kwargs_of_every_task_are_an_invalid_request(
     outcome = await run(eager_app, task_name, **kwargs)
     found = outcome["outcomes"][0] if "outcomes" in outcome else outcome
     assert (found["error"], found["err_message"]) == ("invalid_request", message)
+
+
+async def test_a_rate_limited_retry_waits_the_long_backoff(
+    eager_app: Celery,
+    smtp_server_factory: SmtpServerFactory,
+    ca_pem_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The task's retry countdown follows open_session's policy: a rate limit's reply
+    (tasks.provider_replies) is retried after the long backoff, never the quick one."""
+    too_many = "454 4.7.0 Too many login attempts, please try again later. - gsmtp"
+    server = await smtp_server_factory(auth={"alice": "pw"}, replies={"AUTH": too_many})
+    monkeypatch.setenv("SMTP_SESSION_SECRET_ALICE", "alice:pw")
+    countdowns: list[float] = []
+
+    def on_retry(reason: Any = None, **_: Any) -> None:
+        countdowns.append(reason.when)
+
+    signals.task_retry.connect(on_retry, weak=False)
+    try:
+        outcome = await run(
+            eager_app,
+            OPEN_TASK,
+            host=LOOPBACK,
+            port=server.port,
+            ca_pem=Path(ca_pem_path).read_text(),
+            credentials="alice",
+            retries=1,
+            ehlo_name=EHLO_NAME,
+        )
+    finally:
+        signals.task_retry.disconnect(on_retry)
+    assert (outcome["error"], outcome["attempts"]) == ("smtp_transient", 2)
+    assert len(countdowns) == 1
+    assert MAX_BACKOFF / 2 <= countdowns[0] <= MAX_BACKOFF  # the first retry, not 0.5-1 s

@@ -20,6 +20,7 @@ from smtp_session.monitoring.metrics import SessionMetrics
 from smtp_session.tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
 from smtp_session.tasks.errors import ErrorCategory
 from smtp_session.tasks.outcome import json_schema
+from smtp_session.tasks.provider_replies import REPLY_HINTS
 from smtp_session.tasks.request import SessionRequest
 from smtp_session.worker.cli import main
 from smtp_session.worker.settings import ENV_PREFIX, Settings
@@ -55,6 +56,14 @@ def test_every_error_category_is_in_the_table_once() -> None:
     assert sorted(category.value for category in ErrorCategory) == sorted(
         key for key in keys if key in {category.value for category in ErrorCategory}
     )
+
+
+def test_every_provider_reply_row_is_documented_with_its_hint() -> None:
+    text = page("errors.md")
+    assert [row.name for row in REPLY_HINTS] == [
+        key for key in table_keys(text) if key in {row.name for row in REPLY_HINTS}
+    ]
+    assert [row.name for row in REPLY_HINTS if row.hint not in text] == []
 
 
 def test_every_request_field_is_documented() -> None:

@@ -15,7 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from smtp_session.tasks.resolve import AddressInfo, connect_first, literal_address
+from smtp_session.tasks.resolve import (
+    AddressInfo,
+    address_literal,
+    connect_first,
+    is_public_fqdn,
+    literal_address,
+)
 
 pytestmark = pytest.mark.filterwarnings("error::ResourceWarning")
 BUDGET = 5.0  # never reached here: refusals are immediate
@@ -90,3 +96,38 @@ async def test_connects_past_a_refusal_without_a_lookup(monkeypatch: pytest.Monk
 async def test_no_address_is_an_os_error() -> None:
     with pytest.raises(OSError, match="no address to connect to"):
         await connect_first([], deadline(), [])
+
+
+@pytest.mark.parametrize(
+    ("name", "public"),
+    [
+        ("mx1.mail.example.org", True),
+        ("host.example.com.", True),
+        ("localhost", False),
+        ("vm", False),  # no dot: not qualified
+        ("vm.localdomain", False),
+        ("printer.local", False),
+        ("ip-10-0-0-5.ec2.internal", False),
+        ("nas.home.arpa", False),
+        ("db.LOCALHOST", False),
+        ("mail.test", False),
+        ("192.0.2.10", False),
+        ("2001:db8::1", False),
+    ],
+)
+def test_is_public_fqdn(name: str, public: bool) -> None:
+    assert is_public_fqdn(name) is public
+
+
+@pytest.mark.parametrize(
+    ("address", "literal"),
+    [
+        ("192.0.2.10", "[192.0.2.10]"),
+        ("2001:db8::1", "[IPv6:2001:db8::1]"),
+        ("2001:0db8:0000::0001", "[IPv6:2001:db8::1]"),
+        ("fe80::1%eth0", "[IPv6:fe80::1]"),
+        ("::ffff:192.0.2.10", "[192.0.2.10]"),
+    ],
+)
+def test_address_literal(address: str, literal: str) -> None:
+    assert address_literal(address) == literal
