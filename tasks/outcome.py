@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from smtp_session.tasks.errors import ErrorCategory, Stage
+from smtp_session.tasks.transcript import TranscriptLine
 
 SCHEMA_VERSION = 1
 
@@ -100,6 +101,7 @@ class Outcome(_Frozen):
     timings: Timings = Timings()
     attempts: int = 0
     started_at: str
+    transcript: list[TranscriptLine] | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

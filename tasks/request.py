@@ -78,6 +78,7 @@ class SessionRequest(BaseModel):
     credentials: str | None = None
     ehlo_name: str | None = None
     target: str | None = None
+    transcript: bool = False
 
     @field_validator("host")
     @classmethod

@@ -23,6 +23,7 @@ from aiosmtplib import (
     SMTPException,
     SMTPHeloError,
     SMTPResponse,
+    SMTPResponseException,
     SMTPStatus,
 )
 from aiosmtplib.auth import auth_xoauth2_encode
@@ -57,6 +58,7 @@ from smtp_session.tasks.resolve import (
     resolve,
 )
 from smtp_session.tasks.secrets import Credentials, resolve_credentials
+from smtp_session.tasks.transcript import Transcript
 from smtp_session.tasks.trust import (
     SMTPClient,
     TrustMode,
@@ -141,8 +143,10 @@ class _Connection:
         extra_ca_file: str | None = None,
         guards: Guards = UNGUARDED,
         addresses: list[AddressInfo] | None = None,
+        transcript: Transcript | None = None,
     ) -> None:
         self.request = request
+        self.transcript = transcript
         self.extra_ca_file = extra_ca_file
         self.guards = guards
         # Resolved once per attempt: the fallback connection reuses what was checked.
@@ -200,6 +204,8 @@ class _Connection:
                 f"{self.request.effective_port}",
                 credentials=self.credentials,
             )
+            if self.transcript is not None and self.stage in (Stage.TLS, Stage.STARTTLS):
+                self.transcript.tls(f"handshake failed ({self.trust} trust): {failure.message}")
             if failure.category is ErrorCategory.INTERNAL:
                 # The traceback as text, never with local variables (they can hold the
                 # secret), whatever renderer the application configured.
@@ -276,10 +282,13 @@ class _Connection:
             local_hostname=self.ehlo_name,
             timeout=None,  # every step is bounded here, by stage and by the attempt deadline
         )
+        smtp.transcript = self.transcript
         greeting = await self._greet(smtp, connect_deadline)
-        self.banner = f"{greeting.code} {quote_reply(greeting.message)}"
         if self.implicit_tls:
             self._record_tls(smtp)
+        if self.transcript is not None:
+            self.transcript.received(greeting.code, greeting.message)
+        self.banner = f"{greeting.code} {quote_reply(greeting.message)}"
         command_timeout = request.effective_command_timeout
         await self._bounded(Stage.EHLO, self._hello(smtp), command_timeout)
         self._record_server(smtp)
@@ -335,7 +344,12 @@ class _Connection:
                 await asyncio.gather(greeting, return_exceptions=True)
         if not done:
             raise TimeoutError
-        return greeting.result()
+        try:
+            return greeting.result()
+        except SMTPResponseException as exc:  # a greeting other than 220
+            if self.transcript is not None:
+                self.transcript.received(exc.code, exc.message)
+            raise
 
     def _record_tls(self, smtp: SMTP) -> None:
         ssl_object = smtp.get_transport_info("ssl_object")
@@ -345,6 +359,10 @@ class _Connection:
             self.cipher = cipher[0] if cipher else None
         self.cert = peer_certificate(smtp)
         self.verified = True  # the handshake completed with a verifying context
+        if self.transcript is not None:
+            self.transcript.tls(
+                f"{self.tls_version} {self.cipher}: certificate verified ({self.trust} trust)"
+            )
 
     def _record_server(self, smtp: SMTP) -> None:
         size = smtp.esmtp_extensions.get("size", "")
@@ -511,9 +529,10 @@ async def run_attempt(
     modes = _trust_modes(request, remembered=remembered)
     addresses: list[AddressInfo] | None = None
     timings: dict[str, float] = {}
+    transcript = Transcript(credentials) if request.transcript else None
     for index, mode in enumerate(modes):
         connection = _Connection(
-            request, credentials, mode, ehlo_name, extra_ca_file, guards, addresses
+            request, credentials, mode, ehlo_name, extra_ca_file, guards, addresses, transcript
         )
         failure = await connection.run()
         addresses = connection.addresses
@@ -565,6 +584,7 @@ async def run_attempt(
         timings=Timings(**timings, total=round(time.time() - started, 6)),
         attempts=attempt,
         started_at=utc_iso(started),
+        transcript=transcript.lines() if transcript is not None else None,
     )
 
 

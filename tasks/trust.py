@@ -8,16 +8,18 @@ import hashlib
 import os
 import ssl
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import certifi
 import truststore
-from aiosmtplib import SMTP, SMTPException
+from aiosmtplib import SMTP, SMTPException, SMTPResponse, SMTPResponseException
+from aiosmtplib.typing import Default
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
 from smtp_session.tasks.outcome import CertInfo
 from smtp_session.tasks.resolve import connect_first, literal_address
+from smtp_session.tasks.transcript import Transcript
 
 TrustMode = Literal["native", "portable"]
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
@@ -141,12 +143,38 @@ class SMTPClient(SMTP):
     holds it that long; and once the event loop ends first (`smtp-session check`), the socket
     is left to the garbage collector (ResourceWarning: unclosed transport). smtplib sends
     no close_notify either.
+
+    It also writes the dialogue to `transcript` when the request asked for one.
     """
+
+    #: Where the dialogue goes when the request asked for it (set by the session).
+    transcript: Transcript | None = None
 
     def close(self) -> None:
         if isinstance(self.transport, asyncio.Transport):
             self.transport.abort()
         super().close()
+
+    async def execute_command(self, *args: bytes, timeout: Any = Default.token) -> SMTPResponse:
+        if self.transcript is not None:
+            self.transcript.sent(*args)
+        response = await super().execute_command(*args, timeout=timeout)
+        if self.transcript is not None:
+            self.transcript.received(response.code, response.message)
+        return response
+
+    async def starttls(self, *args: Any, **kwargs: Any) -> SMTPResponse:
+        # STARTTLS is written by aiosmtplib's protocol itself, not by execute_command.
+        if self.transcript is None:
+            return await super().starttls(*args, **kwargs)
+        self.transcript.sent(b"STARTTLS")
+        try:
+            response = await super().starttls(*args, **kwargs)
+        except SMTPResponseException as exc:
+            self.transcript.received(exc.code, exc.message)
+            raise
+        self.transcript.received(response.code, response.message)
+        return response
 
 
 def _report_only_context() -> ssl.SSLContext:

@@ -203,6 +203,12 @@ def request_options(command: _F) -> _F:
         click.option("--credentials", help="Name of a secret (never the secret itself)."),
         click.option("--ehlo-name", help="Name to send in EHLO.", show_default="this host's name"),
         click.option("--target", help="Target name for metrics and logs."),
+        click.option(
+            "--transcript",
+            is_flag=True,
+            default=None,
+            help="Show the SMTP dialogue (AUTH payloads and secrets redacted).",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
         click.option("-v", "--verbose", is_flag=True, help="Log every attempt to stderr."),
     ]
@@ -268,12 +274,21 @@ def summary(outcome: Outcome) -> str:
     return "\n".join(lines)
 
 
+def dialogue(outcome: Outcome) -> str:
+    """The transcript under the summary: seconds, then `S:`, `C:` or `tls:` and the line."""
+    return "\n".join(
+        f"  {line.t:7.3f} {line.dir + ':':4} {line.line}" for line in outcome.transcript or []
+    )
+
+
 def emit(outcome: Outcome, *, as_json: bool) -> NoReturn:
     """Print an outcome to stdout and exit with its code."""
     if as_json:
         click.echo(json.dumps(outcome.to_dict()))
     else:
         click.echo(summary(outcome))
+        if outcome.transcript:
+            click.echo(dialogue(outcome))
     sys.exit(exit_code(outcome))
 
 

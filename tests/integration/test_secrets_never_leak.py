@@ -168,6 +168,7 @@ def request_fields(server: SmtpServer, ca_pem_path: str) -> dict[str, Any]:
         "timeout": CLIENT_TIMEOUT,
         "retries": 0,
         "ehlo_name": EHLO[1],
+        "transcript": True,  # the dialogue, AUTH included, is searched as well
     }
 
 
@@ -233,6 +234,9 @@ async def test_open_session_never_shows_the_secret(
     assert outcome.authenticated is (scenario.error is None)
     check_server_side(server, scenario)
     assert [event["event"] for event in events][-1] == "session.result"
+    assert outcome.transcript, "a transcript was asked for"
+    if scenario.expected_auth is not None:
+        assert any(line.line.startswith("AUTH ") for line in outcome.transcript)
     produced = [
         json.dumps(outcome.to_dict()),
         repr(outcome),
@@ -320,6 +324,7 @@ async def test_cli_never_shows_the_secret(
         "--retries",
         "0",
         *EHLO,
+        "--transcript",
         "-v",
     ]
     if scenario.as_json:
@@ -330,8 +335,10 @@ async def test_cli_never_shows_the_secret(
     assert run.code == (0 if scenario.error is None else 1), run
     if scenario.as_json:
         assert run.json()["error"] == scenario.error
+        assert run.json()["transcript"][0]["dir"] == "S"
     else:
         assert run.stdout.startswith("OK " if scenario.error is None else "FAILED "), run.stdout
+        assert f"C:   EHLO {EHLO[1]}" in run.stdout  # the dialogue, under the summary
     check_server_side(server, scenario)
     assert "session.result" in [event.get("event") for event in log_events(run.stderr)]
     assert leaks(run.stdout) == []
@@ -456,11 +463,14 @@ async def open_echo_session(
         "timeout": CLIENT_TIMEOUT,
         "retries": 0,
         "ehlo_name": EHLO[1],
+        "transcript": True,
     }
     with structlog.testing.capture_logs() as events:
         outcome = await open_session(fields, environ={env_variable(REFERENCE): secret})
     assert outcome.error == "auth_failed", outcome
     assert echo.auth_lines, "the server saw no AUTH"
+    assert outcome.transcript is not None
+    assert outcome.transcript[-1].line.startswith("535 "), outcome.transcript  # echoed
     return outcome.to_dict(), repr(events)
 
 
@@ -487,6 +497,7 @@ async def test_a_server_echoing_auth_in_its_535_leaks_nothing(
     assert outcome["err_message"].startswith("535 5.7.8 Authentication failed / AUTH ")
     assert REDACTED in outcome["err_message"]
     assert leaked(outcome["err_message"], credentials) == []
+    assert leaked(json.dumps(outcome["transcript"]), credentials) == []
     assert leaked(events, credentials) == []
 
 
