@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dns.asyncresolver
 from celery import Celery, Task, shared_task
 
 from smtp_session.monitoring.metrics import SessionMetrics
@@ -113,6 +114,11 @@ def _guards(app: Celery, *, from_queue: bool) -> Guards:
             made = {False: Guards(limit=limit), True: Guards(egress=egress, limit=limit)}
             setattr(app, GUARDS_ATTRIBUTE, made)
         return made[from_queue]
+
+
+def _discovery_resolver(app: Celery) -> dns.asyncresolver.Resolver | None:
+    settings = _settings(app)
+    return settings.discovery_resolver() if settings is not None else None
 
 
 def _sweep_concurrency(app: Celery) -> int:
@@ -260,6 +266,7 @@ def _run_sweep(task: Task, items: list[SweepItem]) -> SweepSummary:
             trust_memory=_trust_memory,
             extra_ca_file=_extra_ca_file(task.app),
             guards=_guards(task.app, from_queue=False),
+            resolver=_discovery_resolver(task.app),
         ),
         time_limit=limit,
     )

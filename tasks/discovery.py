@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ipaddress
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Literal, Protocol
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.IN.SRV import SRV
@@ -181,6 +183,40 @@ async def _discover(
     )
 
 
+def parse_nameservers(text: str) -> list[tuple[str, int]]:
+    """`IP[:PORT]` entries, comma-separated (`[v6]:PORT` for IPv6 with a port); raises
+    ValueError naming the entry."""
+    servers: list[tuple[str, int]] = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        host, port = entry, "53"
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = rest.removeprefix(":") or port
+        elif entry.count(":") == 1:
+            host, port = entry.split(":")
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address (with an optional :port)") from None
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{entry!r}: the port must be 1-65535")
+        servers.append((address, int(port)))
+    return servers
+
+
+def resolver_for(nameservers: list[tuple[str, int]]) -> dns.asyncresolver.Resolver | None:
+    """A resolver asking these servers only (None for none: the system's resolver)."""
+    if not nameservers:
+        return None
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [
+        dns.nameserver.Do53Nameserver(address, port) for address, port in nameservers
+    ]
+    return resolver
+
+
 async def discover(
     domain: str,
     *,
@@ -195,12 +231,11 @@ async def discover(
     in a row. `rng` draws the weighted SRV order (a `random.Random` of its own by default).
     """
     try:
-        if resolver is None:
-            # dnspython's process-wide resolver (/etc/resolv.conf, read once), with this
-            # check's own deadline on a copy of it.
-            resolver = copy.copy(dns.asyncresolver.get_default_resolver())
-            if lifetime is not None:
-                resolver.lifetime = lifetime
+        # dnspython's process-wide resolver (/etc/resolv.conf, read once) unless one is
+        # given; this check's deadline, when shorter, on a copy of it.
+        resolver = copy.copy(resolver or dns.asyncresolver.get_default_resolver())
+        if lifetime is not None:
+            resolver.lifetime = min(resolver.lifetime, lifetime)
         hosts = await _discover(domain, resolver, rng if rng is not None else random.Random())
     except dns.exception.DNSException as exc:
         raise SessionFailure(

@@ -652,6 +652,7 @@ def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, ver
                 extra_ca_file=settings.extra_ca_file,
                 guards=Guards(limit=DestinationLimit(settings.max_per_destination)),
                 on_outcome=advance,
+                resolver=settings.discovery_resolver(),
             )
         )
     if as_json:

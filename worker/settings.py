@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import platformdirs
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,9 @@ from smtp_session.tasks.request import (
     NATIVE_IGNORES_CA_FILE,
     Trust,
 )
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
 
 ENV_PREFIX = "SMTP_SESSION_"
 APP_NAME = "smtp-session"
@@ -77,6 +80,9 @@ class Settings(BaseSettings):
     # public internet, and the ports allowed (empty: 25, 465, 587, 2525).
     allow_networks: str = ""
     allow_ports: str = ""
+    # DNS servers asked to discover the servers of mail-domain targets (IP[:PORT], comma-
+    # separated); empty: the system's resolver (/etc/resolv.conf).
+    dns_servers: str = ""
     # Sessions at once to one destination address, per worker process.
     max_per_destination: int = Field(default=DEFAULT_MAX_PER_DESTINATION, ge=1, le=10_000)
 
@@ -86,12 +92,27 @@ class Settings(BaseSettings):
         parse_networks(text)
         return text
 
+    @field_validator("dns_servers")
+    @classmethod
+    def _check_dns_servers(cls, text: str) -> str:
+        from smtp_session.tasks.discovery import parse_nameservers  # dnspython: on demand
+
+        parse_nameservers(text)
+        return text
+
     @field_validator("allow_ports")
     @classmethod
     def _check_ports(cls, text: str) -> str:
         if text.strip():
             parse_ports(text)
         return text
+
+    def discovery_resolver(self) -> dns.asyncresolver.Resolver | None:
+        """The resolver of mail-domain discovery: SMTP_SESSION_DNS_SERVERS, else None (the
+        system's)."""
+        from smtp_session.tasks.discovery import parse_nameservers, resolver_for
+
+        return resolver_for(parse_nameservers(self.dns_servers))
 
     @property
     def egress_policy(self) -> EgressPolicy:

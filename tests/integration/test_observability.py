@@ -43,6 +43,8 @@ from smtp_session.tasks.observe import LOG, report
 from smtp_session.tasks.outcome import Outcome
 from smtp_session.tasks.session import open_session
 from smtp_session.worker import signals as worker_signals
+from smtp_session.worker.client import parse_result
+from tests.dns_server import DnsServer, serve
 from tests.integration.conftest import (
     APP,
     BIN,
@@ -210,14 +212,14 @@ async def blocking(call: Callable[[], _T]) -> _T:
 
 
 async def outcomes_of(results: Sequence[AsyncResult]) -> list[dict[str, Any]]:
-    """Every task's Outcome dict, read back through the result backend, in order."""
+    """Every task's result dict, read back through the result backend, in order."""
 
     def collect() -> list[dict[str, Any]]:
         return [result.get(timeout=RESULT_TIMEOUT, propagate=True) for result in results]
 
     outcomes = await blocking(collect)
     for outcome in outcomes:
-        Outcome.from_dict(outcome)  # the Outcome schema, field by field
+        parse_result(outcome)  # the Outcome (or DomainOutcome) schema, field by field
     return outcomes
 
 
@@ -452,7 +454,9 @@ async def test_a_request_retried_through_celery_reports_its_whole_duration(
 LOG_SLACK = 0.05
 
 #: Requests per round: check_target for relay, backup and flaky, one adhoc open.
-ROUND = 4
+ROUND = 5
+#: The mail domain target "mailhub", discovered through a DNS server of the test's own.
+MAIL_DOMAIN = "hub.example.test"
 
 
 def soon_expiring_cert(ca: trustme.CA) -> trustme.LeafCert:
@@ -467,7 +471,8 @@ def soon_expiring_cert(ca: trustme.CA) -> trustme.LeafCert:
 
 
 def targets_toml(*, relay: int, backup: int, flaky: int) -> str:
-    """Three named targets on loopback (json.dumps quotes a TOML basic string)."""
+    """Three named targets on loopback, and a mail domain (json.dumps quotes a TOML basic
+    string)."""
     return f"""
 [defaults]
 ehlo_name = {json.dumps(EHLO_NAME)}
@@ -492,6 +497,11 @@ host = {json.dumps(LOOPBACK)}
 port = {flaky}
 security = "plain"
 retries = 1
+
+[[targets]]  # two servers by SRV (SMTP_SESSION_DNS_SERVERS): one up, one refusing
+name = "mailhub"
+domain = {json.dumps(MAIL_DOMAIN)}
+security = "plain"
 """
 
 
@@ -503,12 +513,14 @@ async def run_round(client: Celery, adhoc: SmtpServer, *, relay_remembered: bool
     """
     results = [
         client.send_task(CHECK_TARGET_TASK, kwargs={"name": name})
-        for name in ("relay", "backup", "flaky")
+        for name in ("relay", "backup", "flaky", "mailhub")
     ]
     results.append(open_task(client, **plain_request(adhoc.address)))
     outcomes = await outcomes_of(results)
     assert len(outcomes) == ROUND
-    relay, backup, flaky, adhoc_outcome = outcomes
+    relay, backup, flaky, mailhub, adhoc_outcome = outcomes
+    # One verdict for the domain, up with one server of two (require = "any").
+    assert (mailhub["ok"], mailhub["servers"], mailhub["servers_ok"]) == (True, 2, 1), mailhub
     assert relay["ok"] is True and relay["tls"]["trust"] == "portable", relay
     tls = relay["tls"]
     assert (tls["fallback"], tls["remembered"]) == (not relay_remembered, relay_remembered), tls
@@ -543,6 +555,7 @@ async def test_real_prometheus_scraping_a_real_worker_has_data_for_every_query(
     refused_port: tuple[str, int],
     ca: trustme.CA,
     ca_pem_path: str,
+    dns_servers: list[DnsServer],
     tmp_path: Path,
 ) -> None:
     """Named targets of every kind plus adhoc, two rounds, then every rule and panel query.
@@ -550,17 +563,25 @@ async def test_real_prometheus_scraping_a_real_worker_has_data_for_every_query(
     relay: STARTTLS, trust fallback (the test CA only in SMTP_SESSION_CA_FILE, which the
     portable store adds), a certificate that
     expires in 7 days; backup: refused; flaky: 421, retried once through Celery; adhoc:
-    `smtp_session.open` to a plain server. SmtpSessionMetricsAbsent is checked last, by
-    stopping the worker.
+    `smtp_session.open` to a plain server; mailhub: a mail domain whose two servers (found
+    through the test's DNS server) are one up, one refused. SmtpSessionMetricsAbsent is
+    checked last, by stopping the worker.
     """
     relay_cert = soon_expiring_cert(ca)
     relay = await smtp_server_factory(mode="starttls", cert=relay_cert)
     flaky = await raw_server_factory("banner_421")
     adhoc = await smtp_server_factory(mode="plain")
+    hub = await smtp_server_factory(mode="plain")
+    srv = [f"10 0 {hub.port} localhost.", f"20 0 {refused_port[1]} localhost."]
+    dns_server = await serve(dns_servers, {(f"_submission._tcp.{MAIL_DOMAIN}", "SRV"): srv})
     targets = tmp_path / "targets.toml"
     targets.write_text(targets_toml(relay=relay.port, backup=refused_port[1], flaky=flaky.port))
     worker = await launch_worker(
-        env={"SMTP_SESSION_TARGETS": str(targets), "SMTP_SESSION_CA_FILE": ca_pem_path}
+        env={
+            "SMTP_SESSION_TARGETS": str(targets),
+            "SMTP_SESSION_CA_FILE": ca_pem_path,
+            "SMTP_SESSION_DNS_SERVERS": f"{LOOPBACK}:{dns_server.port}",
+        }
     )
     prometheus = prometheus_factory(targets=[worker.metrics_address])
 
@@ -588,6 +609,7 @@ async def test_real_prometheus_scraping_a_real_worker_has_data_for_every_query(
         "SmtpSessionFailureRatioHigh": {"backup", "flaky"},
         "SmtpSessionCertificateExpiringSoon": {"relay"},
         "SmtpSessionTrustFallback": {"relay"},
+        "SmtpSessionServerDown": {f"mailhub localhost:{refused_port[1]}"},
     }
     await wait_for("ALERTS", lambda alerts: alert_subjects(alerts) == expected)
     # Only the alert without a `for:` can fire this soon; the others are pending.
@@ -612,7 +634,7 @@ async def test_real_prometheus_scraping_a_real_worker_has_data_for_every_query(
         assert has_number(results), f"{panel} -> {results}"
 
     listed = await asyncio.to_thread(prometheus.label_values, "target", "smtp_session_up")
-    assert set(listed) == {"relay", "backup", "flaky", "adhoc"}
+    assert set(listed) == {"relay", "backup", "flaky", "mailhub", "adhoc"}
     # The relay's certificate, as the worker read it from the handshake.
     not_after = leaf_certificate(relay_cert).not_valid_after_utc
     (expiry,) = await query('smtp_session_cert_expiry_timestamp_seconds{target="relay"}')

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import re
 import socket
 from collections.abc import Iterator
 
 import pytest
+from pydantic import ValidationError
 
+from smtp_session.tasks.discovery import parse_nameservers
 from smtp_session.tasks.resolve import (
     AddressInfo,
     address_literal,
@@ -22,6 +25,7 @@ from smtp_session.tasks.resolve import (
     is_public_fqdn,
     literal_address,
 )
+from smtp_session.worker.settings import Settings
 
 pytestmark = pytest.mark.filterwarnings("error::ResourceWarning")
 BUDGET = 5.0  # never reached here: refusals are immediate
@@ -131,3 +135,35 @@ def test_is_public_fqdn(name: str, public: bool) -> None:
 )
 def test_address_literal(address: str, literal: str) -> None:
     assert address_literal(address) == literal
+
+
+@pytest.mark.parametrize(
+    ("text", "servers"),
+    [
+        ("", []),
+        ("192.0.2.53", [("192.0.2.53", 53)]),
+        (
+            "127.0.0.1:5353, [::1]:53,2001:db8::53",
+            [("127.0.0.1", 5353), ("::1", 53), ("2001:db8::53", 53)],
+        ),
+    ],
+)
+def test_dns_servers_are_addresses_with_optional_ports(
+    text: str, servers: list[tuple[str, int]]
+) -> None:
+    assert parse_nameservers(text) == servers
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("dns.example", "'dns.example' is not an IP address"),
+        ("127.0.0.1:0", "'127.0.0.1:0': the port must be 1-65535"),
+        ("[::1]:x", "'[::1]:x': the port must be 1-65535"),
+    ],
+)
+def test_a_bad_dns_server_is_named(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_nameservers(text)
+    with pytest.raises(ValidationError, match="dns_servers"):
+        Settings(dns_servers=text)
