@@ -64,7 +64,8 @@ class ServerInfo(_Frozen):
 
 
 class Timings(_Frozen):
-    """Seconds spent per stage of the last connection; null for stages that did not run."""
+    """Seconds spent per stage by the attempt (every connection of it added up); null for
+    stages that did not run."""
 
     resolve: float | None = None
     connect: float | None = None
