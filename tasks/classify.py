@@ -113,6 +113,7 @@ class Failure:
     smtp_enhanced: str | None = None
     # OpenSSL's X509_V_ERR_* code; a native verifier's code when OpenSSL has no equivalent.
     verify_code: int | None = None
+    hint: str | None = None  # known when the failure is detected (a token endpoint's refusal)
 
     @property
     def is_certificate_failure(self) -> bool:
@@ -222,7 +223,7 @@ def classify(
     before they are cut and cleaned into the message (a server may echo AUTH).
     """
     if isinstance(exc, SessionFailure):
-        return Failure(exc.category, exc.message, stage, smtp_code=exc.smtp_code)
+        return Failure(exc.category, exc.message, stage, smtp_code=exc.smtp_code, hint=exc.hint)
     if (cert_error := _find(exc, ssl.SSLCertVerificationError)) is not None:
         return _classify_certificate(cert_error, stage)
     if (tls_error := _find(exc, ssl.SSLError)) is not None:

@@ -13,12 +13,12 @@ import ssl
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
-from aiosmtplib import SMTP, SMTPException, SMTPResponse
+from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPException, SMTPResponse
 
 from smtp_session.tasks.classify import (
     CERT_HAS_EXPIRED,
@@ -29,6 +29,7 @@ from smtp_session.tasks.classify import (
 )
 from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
+from smtp_session.tasks.oauth import TOKENS
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
 from smtp_session.tasks.request import (
@@ -305,13 +306,28 @@ class _Connection:
             size_limit=int(size) if size.isascii() and size.isdigit() and len(size) < 20 else None,
         )
 
-    @staticmethod
-    async def _authenticate(smtp: SMTP, credentials: Credentials) -> None:
+    async def _authenticate(self, smtp: SMTP, credentials: Credentials) -> None:
         offered = smtp.server_auth_methods
-        if credentials.oauth2_token is not None:
+        if credentials.uses_xoauth2:
             if "xoauth2" not in offered:
                 raise _auth_unavailable(offered, "XOAUTH2")
-            await smtp.auth_xoauth2(credentials.username, credentials.oauth2_token)
+            # Within what is left of the AUTH stage, and said as the endpoint's failure.
+            stage_left = self.request.effective_command_timeout - (
+                self._loop.time() - self._stage_started
+            )
+            token = credentials.oauth2_token or await TOKENS.access_token(
+                credentials,
+                extra_ca_file=self.extra_ca_file,
+                seconds=min(stage_left, self.remaining()) - DEADLINE_SLACK,
+            )
+            # From here on the access token is part of the secret: redacted like it.
+            self.credentials = replace(credentials, oauth2_token=token)
+            try:
+                await smtp.auth_xoauth2(credentials.username, token)
+            except SMTPAuthenticationError:
+                if credentials.oauth2_client is not None:
+                    TOKENS.forget(credentials)  # revoked early? the next attempt asks anew
+                raise
             return
         password = credentials.password or ""
         for mechanism in PASSWORD_MECHANISMS:
@@ -346,7 +362,7 @@ def _explain(
     failure: Failure, *, cert: CertInfo | None, both_modes: bool, request: SessionRequest
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
-    message, hint = failure.message, None
+    message, hint = failure.message, failure.hint
     security, port = request.effective_security, request.effective_port
     if failure.category is ErrorCategory.TLS_EXPIRED and cert is not None:
         message = (
