@@ -21,6 +21,8 @@ class ErrorCategory(StrEnum):
     STARTTLS_UNAVAILABLE = "starttls_unavailable"
     AUTH_UNAVAILABLE = "auth_unavailable"
     AUTH_FAILED = "auth_failed"
+    SENDER_REJECTED = "sender_rejected"  # MAIL FROM refused (the envelope probe)
+    RECIPIENT_REJECTED = "recipient_rejected"  # a RCPT TO refused (the envelope probe)
     # The OAuth2 token endpoint could not give an access token: unreachable, a timeout,
     # 5xx, or an answer that is no token. Not its refusal of the secret (auth_failed).
     OAUTH_UNAVAILABLE = "oauth_unavailable"
@@ -58,6 +60,9 @@ class Stage(StrEnum):
     EHLO = "ehlo"
     STARTTLS = "starttls"
     AUTH = "auth"
+    MAIL = "mail"  # MAIL FROM of the envelope probe
+    RCPT = "rcpt"  # each RCPT TO of the envelope probe
+    DATA = "data"  # the test message
     QUIT = "quit"
     DONE = "done"
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smtp_session.tasks.envelope import Envelope
 from smtp_session.tasks.errors import ErrorCategory, Stage
 
 SCHEMA_VERSION = 1
@@ -71,6 +72,9 @@ class Timings(_Frozen):
     ehlo: float | None = None
     starttls: float | None = None
     auth: float | None = None
+    mail: float | None = None
+    rcpt: float | None = None
+    data: float | None = None
     quit: float | None = None
     total: float | None = None
 
@@ -99,6 +103,7 @@ class Outcome(_Frozen):
     timings: Timings = Timings()
     attempts: int = 0
     started_at: str
+    envelope: Envelope | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

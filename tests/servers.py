@@ -297,6 +297,40 @@ class _Handler:
             return responses
         return [line for line in responses if not line.startswith("250-AUTH")]
 
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        refusal = self._owner.refuse.get(address)
+        if refusal is not None:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        refusal = self._owner.refuse.get(address)
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        self._owner.messages.append(content)
+        return f"250 2.0.0 Ok: queued as Q{len(self._owner.messages):04d}"
+
     async def handle_exception(self, error: Exception) -> str:
         # Replaces aiosmtpd's default, which logs a traceback for every failed STARTTLS
         # handshake; those are expected here and counted instead.
@@ -490,6 +524,8 @@ class SmtpServer(_LoopbackServer):
         require_starttls: bool | None = None,
         auth_require_tls: bool | None = None,
         hostname: str = SERVER_HOSTNAME,
+        refuse: Mapping[str, str] | None = None,
+        smtputf8: bool = False,
     ) -> None:
         super().__init__()
         if mode not in SMTP_MODES:
@@ -509,8 +545,13 @@ class SmtpServer(_LoopbackServer):
         # implicit-TLS server; plain servers offer AUTH in the clear when configured.
         self.auth_require_tls = mode == "starttls" if auth_require_tls is None else auth_require_tls
         self.hostname = hostname
+        #: Envelope addresses (MAIL FROM or RCPT TO) and the reply that refuses each.
+        self.refuse = dict(refuse or {})
+        self.smtputf8 = smtputf8
 
         self.commands: list[ReceivedCommand] = []
+        #: The content of every message received with DATA.
+        self.messages: list[bytes] = []
         self.auth_attempts: list[AuthAttempt] = []
         self.errors: list[Exception] = []
         self.tls_handshakes_completed = 0
@@ -556,6 +597,8 @@ class SmtpServer(_LoopbackServer):
             auth_require_tls=self.auth_require_tls,
             auth_exclude_mechanism=self._excluded_mechanisms,
             authenticator=self._handler.authenticate,
+            enable_SMTPUTF8=self.smtputf8,
+            decode_data=False,
             loop=loop,
         )
         if self.mode == "tls":
@@ -757,6 +800,8 @@ class SmtpServerFactory:
         starttls_offered: bool | None = None,
         require_starttls: bool | None = None,
         auth_require_tls: bool | None = None,
+        refuse: Mapping[str, str] | None = None,
+        smtputf8: bool = False,
     ) -> SmtpServer:
         """A started server; ``cert`` defaults to ``good_cert``."""
         server = SmtpServer(
@@ -767,6 +812,8 @@ class SmtpServerFactory:
             starttls_offered=starttls_offered,
             require_starttls=require_starttls,
             auth_require_tls=auth_require_tls,
+            refuse=refuse,
+            smtputf8=smtputf8,
         )
         await server.start()
         self._servers.append(server)
