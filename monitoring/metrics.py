@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from smtp_session.tasks.errors import Stage
 from smtp_session.tasks.outcome import CertInfo, Outcome, join_host_port
 from smtp_session.tasks.summary import DomainOutcome
 
@@ -24,7 +25,7 @@ NAMESPACE = "smtp_session"
 # Sessions range from a loopback millisecond to a 10 s deadline times three attempts.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-STAGES = ("resolve", "connect", "tls", "banner", "ehlo", "starttls", "auth", "quit")
+STAGES = tuple(stage.value for stage in Stage if stage not in (Stage.VALIDATE, Stage.DONE))
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)

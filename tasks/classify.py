@@ -11,7 +11,7 @@ import re
 import socket
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from aiosmtplib import (
@@ -88,6 +88,11 @@ _BY_CODE = {row.code: row for row in PLATFORM_CODES}
 MAX_QUOTED_REPLY = 300
 _E = TypeVar("_E", bound=BaseException)
 _ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+#: A refusal in the envelope probe is the sender's or a recipient's.
+_ENVELOPE_CATEGORIES = {
+    Stage.MAIL: ErrorCategory.SENDER_REJECTED,
+    Stage.RCPT: ErrorCategory.RECIPIENT_REJECTED,
+}
 _BEFORE_GREETING = frozenset({Stage.RESOLVE, Stage.CONNECT, Stage.TLS, Stage.BANNER})
 _TLS_VERIFY_CATEGORIES = frozenset(
     {ErrorCategory.TLS_UNTRUSTED, ErrorCategory.TLS_EXPIRED, ErrorCategory.TLS_HOSTNAME}
@@ -100,6 +105,9 @@ STAGE_ACTIVITY = {
     Stage.EHLO: "while waiting for the EHLO reply",
     Stage.STARTTLS: "in STARTTLS and its TLS handshake",
     Stage.AUTH: "while waiting for the AUTH reply",
+    Stage.MAIL: "while waiting for the MAIL FROM reply",
+    Stage.RCPT: "while waiting for a RCPT TO reply",
+    Stage.DATA: "while sending the test message",
     Stage.QUIT: "while waiting for the QUIT reply",
 }
 
@@ -115,6 +123,14 @@ class Failure:
     smtp_enhanced: str | None = None
     # OpenSSL's X509_V_ERR_* code; a native verifier's code when OpenSSL has no equivalent.
     verify_code: int | None = None
+    hint: str | None = None  # known when the failure is detected (a token endpoint's refusal)
+    # Whether another attempt may succeed, when the category alone does not say (a 4xx
+    # refusal of a sender or recipient: greylisting, a full mailbox, a rate limit).
+    retryable: bool | None = None
+
+    @property
+    def is_retryable(self) -> bool:
+        return self.category.retryable if self.retryable is None else self.retryable
 
     @property
     def is_certificate_failure(self) -> bool:
@@ -176,6 +192,9 @@ def _classify_reply(
     is_auth = isinstance(exc, SMTPAuthenticationError) or stage is Stage.AUTH
     if is_auth and (code in (534, 535) or (enhanced and enhanced.group(1).startswith("5.7."))):
         return _reply_failure(ErrorCategory.AUTH_FAILED, stage, code, text)
+    if stage in _ENVELOPE_CATEGORIES and 400 <= code < 600:
+        failure = _reply_failure(_ENVELOPE_CATEGORIES[stage], stage, code, text)
+        return replace(failure, retryable=code < 500)
     if 400 <= code < 500:
         return _reply_failure(ErrorCategory.SMTP_TRANSIENT, stage, code, text)
     if 500 <= code < 600:
@@ -224,7 +243,7 @@ def classify(
     before they are cut and cleaned into the message (a server may echo AUTH).
     """
     if isinstance(exc, SessionFailure):
-        return Failure(exc.category, exc.message, stage, smtp_code=exc.smtp_code)
+        return Failure(exc.category, exc.message, stage, smtp_code=exc.smtp_code, hint=exc.hint)
     if (cert_error := _find(exc, ssl.SSLCertVerificationError)) is not None:
         return _classify_certificate(cert_error, stage)
     if (tls_error := _find(exc, ssl.SSLError)) is not None:

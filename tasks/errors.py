@@ -21,6 +21,11 @@ class ErrorCategory(StrEnum):
     STARTTLS_UNAVAILABLE = "starttls_unavailable"
     AUTH_UNAVAILABLE = "auth_unavailable"
     AUTH_FAILED = "auth_failed"
+    SENDER_REJECTED = "sender_rejected"  # MAIL FROM refused (the envelope probe)
+    RECIPIENT_REJECTED = "recipient_rejected"  # a RCPT TO refused (the envelope probe)
+    # The OAuth2 token endpoint could not give an access token: unreachable, a timeout,
+    # 5xx, or an answer that is no token. Not its refusal of the secret (auth_failed).
+    OAUTH_UNAVAILABLE = "oauth_unavailable"
     SMTP_TRANSIENT = "smtp_transient"
     SMTP_PERMANENT = "smtp_permanent"
     PROTOCOL = "protocol"
@@ -39,6 +44,7 @@ _RETRYABLE = frozenset(
         ErrorCategory.TIMEOUT,
         ErrorCategory.DISCONNECTED,
         ErrorCategory.SMTP_TRANSIENT,
+        ErrorCategory.OAUTH_UNAVAILABLE,
     }
 )
 
@@ -54,6 +60,9 @@ class Stage(StrEnum):
     EHLO = "ehlo"
     STARTTLS = "starttls"
     AUTH = "auth"
+    MAIL = "mail"  # MAIL FROM of the envelope probe
+    RCPT = "rcpt"  # each RCPT TO of the envelope probe
+    DATA = "data"  # the test message
     QUIT = "quit"
     DONE = "done"
 
@@ -80,8 +89,10 @@ class SessionFailure(SessionWorkerError):
         message: str,
         *,
         smtp_code: int | None = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.category = category
         self.message = message
         self.smtp_code = smtp_code
+        self.hint = hint

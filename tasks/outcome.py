@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smtp_session.tasks.envelope import Envelope
 from smtp_session.tasks.errors import ErrorCategory, Stage
 from smtp_session.tasks.transcript import TranscriptLine
 
@@ -74,6 +75,9 @@ class Timings(_Frozen):
     ehlo: float | None = None
     starttls: float | None = None
     auth: float | None = None
+    mail: float | None = None
+    rcpt: float | None = None
+    data: float | None = None
     quit: float | None = None
     total: float | None = None
 
@@ -103,6 +107,7 @@ class Outcome(_Frozen):
     attempts: int = 0
     started_at: str
     transcript: list[TranscriptLine] | None = None
+    envelope: Envelope | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -31,6 +31,15 @@ NATIVE_IGNORES_CA_FILE = (
     "is not used with trust native (the system's store only): use trust auto or portable"
 )
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?$")
+#: RFC 5321 §4.5.3.1: a local part of 64 octets, a path of 256 with its angle brackets.
+MAX_LOCAL_PART = 64
+MAX_ADDRESS = 254
+#: Recipients one envelope probe may name: enough for a test, too few for a mailing.
+MAX_RECIPIENTS = 10
+#: RFC 5321 atext (RFC 5322 §3.2.3), plus any non-ASCII character (RFC 6531 SMTPUTF8).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 
 
 def _is_ip_literal(text: str) -> bool:
@@ -60,6 +69,48 @@ def _ascii_host(host: str) -> str:
         raise ValueError(f"{host!r} is not a valid host name ({exc})") from None
 
 
+def check_host(host: str) -> str:
+    """`host` if it is a host name (IDNA) or an IP literal, else ValueError saying why."""
+    if not host:
+        raise ValueError("must not be empty")
+    if any(ch.isspace() for ch in host):
+        raise ValueError("must not contain spaces")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in host):
+        raise ValueError("must not contain control characters")
+    if len(host) > MAX_HOST_LENGTH:
+        raise ValueError(f"is longer than {MAX_HOST_LENGTH} characters")
+    ascii_host = _ascii_host(host)
+    if _is_ip_literal(ascii_host):
+        return host
+    if not all(
+        _HOST_LABEL.match(label) and len(label) <= MAX_LABEL_LENGTH
+        for label in ascii_host.split(".")
+    ):
+        raise ValueError(f"{host!r} is not a valid host name")
+    return host
+
+
+def check_address(address: str) -> str:
+    """`address` if it is an RFC 5321 mailbox (`local@domain`, the domain a host name or an
+    address literal), or "" (the null reverse-path); else ValueError saying why."""
+    if address == "":
+        return address
+    if len(address.encode()) > MAX_ADDRESS:
+        raise ValueError(f"is longer than {MAX_ADDRESS} octets")
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"{address!r} is not an address (local-part@domain)")
+    if len(local.encode()) > MAX_LOCAL_PART:
+        raise ValueError(f"{address!r}: the local part is longer than {MAX_LOCAL_PART} octets")
+    if not (_DOT_STRING.fullmatch(local) or _QUOTED_STRING.fullmatch(local)):
+        raise ValueError(f"{address!r}: the local part is not a dot-string or a quoted string")
+    try:
+        check_host(domain)
+    except ValueError as exc:
+        raise ValueError(f"{address!r}: the domain {exc}") from None
+    return address
+
+
 class SessionRequest(BaseModel):
     """What to connect to and how; see docs/request.md."""
 
@@ -79,27 +130,31 @@ class SessionRequest(BaseModel):
     ehlo_name: str | None = None
     target: str | None = None
     transcript: bool = False
+    mail_from: str | None = None
+    rcpt_to: list[str] | None = Field(default=None, min_length=1, max_length=MAX_RECIPIENTS)
+    send_test_message: bool = False
 
     @field_validator("host")
     @classmethod
     def _check_host(cls, host: str) -> str:
-        if not host:
-            raise ValueError("must not be empty")
-        if any(ch.isspace() for ch in host):
-            raise ValueError("must not contain spaces")
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in host):
-            raise ValueError("must not contain control characters")
-        if len(host) > MAX_HOST_LENGTH:
-            raise ValueError(f"is longer than {MAX_HOST_LENGTH} characters")
-        ascii_host = _ascii_host(host)
-        if _is_ip_literal(ascii_host):
-            return host
-        if not all(
-            _HOST_LABEL.match(label) and len(label) <= MAX_LABEL_LENGTH
-            for label in ascii_host.split(".")
-        ):
-            raise ValueError(f"{host!r} is not a valid host name")
-        return host
+        return check_host(host)
+
+    @field_validator("mail_from")
+    @classmethod
+    def _check_mail_from(cls, address: str | None) -> str | None:
+        return None if address is None else check_address(address)
+
+    @field_validator("rcpt_to")
+    @classmethod
+    def _check_rcpt_to(cls, addresses: list[str] | None) -> list[str] | None:
+        for index, address in enumerate(addresses or []):
+            if not address:
+                raise ValueError(f"#{index + 1}: the null path <> is no recipient")
+            try:
+                check_address(address)
+            except ValueError as exc:
+                raise ValueError(f"#{index + 1}: {exc}") from None
+        return addresses
 
     @field_validator("ca_pem")
     @classmethod
@@ -121,6 +176,16 @@ class SessionRequest(BaseModel):
         if name is not None and not re.fullmatch(r"[!-~]{1,255}", name):
             raise ValueError("must be 1-255 printable ASCII characters without spaces")
         return name
+
+    @model_validator(mode="after")
+    def _envelope_needs_both(self) -> SessionRequest:
+        if self.mail_from is not None and self.rcpt_to is None:
+            raise ValueError("rcpt_to is required with mail_from (the envelope probe)")
+        if self.rcpt_to is not None and self.mail_from is None:
+            raise ValueError("mail_from is required with rcpt_to (the envelope probe)")
+        if self.send_test_message and self.mail_from is None:
+            raise ValueError("send_test_message needs mail_from and rcpt_to")
+        return self
 
     @model_validator(mode="after")
     def _credentials_need_tls(self) -> SessionRequest:
@@ -199,9 +264,9 @@ def _describe(error: Mapping[str, Any]) -> InvalidRequest:
     if kind == "missing":
         return InvalidRequest(field, "is required")
     message = str(error["msg"]).removeprefix("Value error, ")
-    if not error["loc"] and message.startswith(("credentials", "ca_file", "ca_pem")):
-        field, _, problem = message.partition(" ")
-        return InvalidRequest(field, problem)
+    field_named, _, problem = message.partition(" ")
+    if not error["loc"] and field_named in SessionRequest.model_fields:
+        return InvalidRequest(field_named, problem)
     return InvalidRequest(field, message[:1].lower() + message[1:])
 
 

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from smtp_session.tasks.errors import InvalidRequest
 
@@ -18,12 +19,36 @@ MAX_SECRET_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
+class OAuth2Client:
+    """An OAuth2 client whose access tokens the worker obtains (tasks.oauth).
+
+    The refresh-token grant when `refresh_token` is set, else client credentials.
+    repr() and str() never show the client secret or the refresh token.
+    """
+
+    token_url: str
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+    scope: str | None = None
+
+
+@dataclass(frozen=True)
 class Credentials:
-    """A resolved secret. repr() and str() never show the password or token."""
+    """A resolved secret. repr() and str() never show the password or token.
+
+    Exactly one of `password`, `oauth2_token` (an access token) and `oauth2_client` (to
+    obtain access tokens with) is set.
+    """
 
     username: str
     password: str | None = field(default=None, repr=False)
     oauth2_token: str | None = field(default=None, repr=False)
+    oauth2_client: OAuth2Client | None = None
+
+    @property
+    def uses_xoauth2(self) -> bool:
+        return self.oauth2_token is not None or self.oauth2_client is not None
 
 
 def env_variable(name: str) -> str:
@@ -43,6 +68,8 @@ def _parse(name: str, raw: str) -> Credentials:
             ) from None
         if not isinstance(data, dict) or not isinstance(data.get("username"), str):
             raise InvalidRequest("credentials", f"secret {name!r} has no string 'username'")
+        if "token_url" in data:
+            return Credentials(data["username"], oauth2_client=_oauth2_client(name, data))
         password, token = data.get("password"), data.get("oauth2_token")
         if (password is None) == (token is None) or not isinstance(password or token, str):
             raise InvalidRequest(
@@ -56,6 +83,44 @@ def _parse(name: str, raw: str) -> Credentials:
             "credentials", f"secret {name!r} is not 'username:password' or a JSON object"
         )
     return Credentials(username, password=password)
+
+
+_OAUTH2_KEYS = ("username", "token_url", "client_id", "client_secret", "refresh_token", "scope")
+
+
+def _oauth2_client(name: str, data: dict[str, object]) -> OAuth2Client:
+    """The OAuth2 client form of a secret; errors name the key, never a value."""
+    unknown = sorted(set(data) - set(_OAUTH2_KEYS))
+    if unknown:
+        raise InvalidRequest(
+            "credentials",
+            f"secret {name!r}: {unknown[0][:64]!r} is not a key of the OAuth2 client form "
+            f"({', '.join(_OAUTH2_KEYS)})",
+        )
+    for key in _OAUTH2_KEYS[1:]:
+        value = data.get(key)
+        if (value is not None or key in ("token_url", "client_id")) and (
+            not isinstance(value, str) or not value
+        ):
+            raise InvalidRequest(
+                "credentials", f"secret {name!r}: {key} must be a non-empty string"
+            )
+    url = urlsplit(str(data["token_url"]))
+    if url.scheme != "https" or not url.hostname:
+        raise InvalidRequest(
+            "credentials", f"secret {name!r}: token_url must be an https:// URL with a host"
+        )
+    return OAuth2Client(
+        token_url=str(data["token_url"]),
+        client_id=str(data["client_id"]),
+        client_secret=_string(data.get("client_secret")),
+        refresh_token=_string(data.get("refresh_token")),
+        scope=_string(data.get("scope")),
+    )
+
+
+def _string(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def resolve_credentials(name: str, environ: Mapping[str, str] | None = None) -> Credentials:
@@ -114,6 +179,9 @@ def secret_forms(credentials: Credentials) -> SecretForms:
     if credentials.oauth2_token:
         raw.append(credentials.oauth2_token)
         encoded.append(_b64(f"user={user}\x01auth=Bearer {credentials.oauth2_token}\x01\x01"))
+    client = credentials.oauth2_client
+    if client is not None:
+        raw += [secret for secret in (client.client_secret, client.refresh_token) if secret]
     return SecretForms(tuple(raw), tuple(encoded))
 
 

@@ -12,7 +12,7 @@ import ssl
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -36,7 +36,15 @@ from smtp_session.tasks.classify import (
     quote_reply,
 )
 from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
+from smtp_session.tasks.envelope import (
+    Envelope,
+    EnvelopeReply,
+    SentTestMessage,
+    compose_test_message,
+    needs_smtputf8,
+)
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
+from smtp_session.tasks.oauth import TOKENS
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
 from smtp_session.tasks.provider_replies import (
@@ -57,7 +65,7 @@ from smtp_session.tasks.resolve import (
     local_fqdn,
     resolve,
 )
-from smtp_session.tasks.secrets import Credentials, resolve_credentials
+from smtp_session.tasks.secrets import Credentials, redact, resolve_credentials
 from smtp_session.tasks.transcript import Transcript
 from smtp_session.tasks.trust import (
     SMTPClient,
@@ -80,6 +88,7 @@ DEADLINE_SLACK = 0.005
 
 log = structlog.get_logger("smtp_session")
 _T = TypeVar("_T")
+_R = TypeVar("_R", EnvelopeReply, SentTestMessage)
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,7 @@ class _Connection:
         self.verified = False
         self.tls_began = False
         self.authenticated = False
+        self.envelope: Envelope | None = None
         self.deadline = 0.0
         self._loop = asyncio.get_running_loop()
         self._stage_started = 0.0
@@ -307,6 +317,8 @@ class _Connection:
                 Stage.AUTH, self._authenticate(smtp, self.credentials), command_timeout
             )
             self.authenticated = True
+        if request.mail_from is not None and request.rcpt_to is not None:
+            await self._probe_envelope(smtp, request.mail_from, request.rcpt_to)
         self._enter(Stage.QUIT)
         with contextlib.suppress(SMTPException, OSError):  # QUIT is sent: its reply is moot
             await self._bounded(Stage.QUIT, smtp.quit(), command_timeout)
@@ -327,6 +339,69 @@ class _Connection:
             if exc.code not in EHLO_UNKNOWN or needs_extensions or not smtp.is_connected:
                 raise
             await smtp.helo()
+
+    async def _probe_envelope(self, smtp: SMTP, mail_from: str, rcpt_to: list[str]) -> None:
+        """MAIL FROM, each RCPT TO, then RSET (or DATA with the test message).
+
+        Every recipient is asked even after a refusal, so the outcome says which ones the
+        server takes; the first refusal is then the session's failure.
+        """
+        timeout = self.request.effective_command_timeout
+        international = [a for a in (mail_from, *rcpt_to) if needs_smtputf8(a)]
+        if international and not smtp.supports_extension("smtputf8"):
+            raise SessionFailure(
+                ErrorCategory.SENDER_REJECTED
+                if international[0] == mail_from
+                else ErrorCategory.RECIPIENT_REJECTED,
+                f"server does not offer SMTPUTF8, which {international[0]!r} needs",
+            )
+        options, encoding = (["SMTPUTF8"], "utf-8") if international else ([], "ascii")
+        sender = EnvelopeReply(address=mail_from)
+        recipients = [EnvelopeReply(address=address) for address in rcpt_to]
+        self.envelope = Envelope(mail_from=sender, rcpt_to=recipients)
+        try:
+            reply = await self._bounded(
+                Stage.MAIL, smtp.mail(mail_from, options=options, encoding=encoding), timeout
+            )
+        except SMTPResponseException as exc:
+            self.envelope = Envelope(mail_from=self._heard(sender, exc), rcpt_to=recipients)
+            raise
+        sender = self._heard(sender, reply)
+        refusal: SMTPResponseException | None = None
+        for index, recipient in enumerate(recipients):
+            try:
+                answer: SMTPResponse | SMTPResponseException = await self._bounded(
+                    Stage.RCPT, smtp.rcpt(recipient.address, encoding=encoding), timeout
+                )
+            except SMTPResponseException as exc:
+                answer, refusal = exc, refusal or exc
+            recipients[index] = self._heard(recipient, answer)
+            self.envelope = Envelope(mail_from=sender, rcpt_to=recipients)
+        if refusal is not None or not self.request.send_test_message:
+            with contextlib.suppress(SMTPException, OSError):  # ends the envelope; moot
+                await self._bounded(Stage.RCPT, smtp.rset(), timeout)
+            if refusal is not None:
+                raise refusal
+            return
+        # The Message-ID's domain is the sender's, as mail clients write it.
+        message, message_id = compose_test_message(
+            mail_from, rcpt_to, message_id_domain=mail_from.rpartition("@")[2] or "localhost"
+        )
+        sent = SentTestMessage(message_id=message_id)
+        self.envelope = Envelope(mail_from=sender, rcpt_to=recipients, test_message=sent)
+        try:
+            reply = await self._bounded(Stage.DATA, smtp.data(message.as_bytes()), timeout)
+        except SMTPResponseException as exc:
+            self.envelope = self.envelope.model_copy(
+                update={"test_message": self._heard(sent, exc)}
+            )
+            raise
+        self.envelope = self.envelope.model_copy(update={"test_message": self._heard(sent, reply)})
+
+    def _heard(self, record: _R, reply: SMTPResponse | SMTPResponseException) -> _R:
+        """`record` with the server's reply: its code, and its text made safe."""
+        text = quote_reply(redact(reply.message, self.credentials))
+        return record.model_copy(update={"code": reply.code, "message": text})
 
     async def _greet(self, smtp: SMTP, connect_deadline: float) -> SMTPResponse:
         # aiosmtplib runs the implicit TLS handshake and reads the greeting in one call;
@@ -375,11 +450,29 @@ class _Connection:
 
     async def _authenticate(self, smtp: SMTP, credentials: Credentials) -> None:
         offered = smtp.server_auth_methods
-        if credentials.oauth2_token is not None:
+        if credentials.uses_xoauth2:
             if "xoauth2" not in offered:
                 raise _auth_unavailable(offered, "XOAUTH2")
             self.mechanism = "XOAUTH2"
-            await _auth_xoauth2(smtp, credentials.username, credentials.oauth2_token)
+            # Within what is left of the AUTH stage, and said as the endpoint's failure.
+            stage_left = self.request.effective_command_timeout - (
+                self._loop.time() - self._stage_started
+            )
+            token = credentials.oauth2_token or await TOKENS.access_token(
+                credentials,
+                extra_ca_file=self.extra_ca_file,
+                seconds=min(stage_left, self.remaining()) - DEADLINE_SLACK,
+            )
+            # From here on the access token is part of the secret: redacted like it.
+            self.credentials = replace(credentials, oauth2_token=token)
+            if self.transcript is not None:
+                self.transcript.credentials = self.credentials
+            try:
+                await _auth_xoauth2(smtp, credentials.username, token)
+            except SMTPAuthenticationError:
+                if credentials.oauth2_client is not None:
+                    TOKENS.forget(credentials)  # revoked early? the next attempt asks anew
+                raise
             return
         password = credentials.password or ""
         for mechanism in PASSWORD_MECHANISMS:
@@ -435,7 +528,7 @@ def _explain(
     failure: Failure, *, cert: CertInfo | None, both_modes: bool, request: SessionRequest
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
-    message, hint = failure.message, None
+    message, hint = failure.message, failure.hint
     security, port = request.effective_security, request.effective_port
     if failure.category is ErrorCategory.TLS_EXPIRED and cert is not None:
         message = (
@@ -569,7 +662,7 @@ async def run_attempt(
         err_message=message,
         error=failure.category if failure else None,
         stage=failure.stage if failure else Stage.DONE,
-        retryable=failure.category.retryable if failure else False,
+        retryable=failure.is_retryable if failure else False,
         hint=hint,
         smtp_code=failure.smtp_code if failure else None,
         smtp_enhanced=failure.smtp_enhanced if failure else None,
@@ -585,6 +678,7 @@ async def run_attempt(
         attempts=attempt,
         started_at=utc_iso(started),
         transcript=transcript.lines() if transcript is not None else None,
+        envelope=connection.envelope,
     )
 
 

@@ -49,7 +49,8 @@ class Transcript:
     """Collects the lines of one attempt; the server's text is redacted of `credentials`."""
 
     def __init__(self, credentials: Credentials | None = None) -> None:
-        self._credentials = credentials
+        #: Redacted from the server's lines; the session adds an access token it obtains.
+        self.credentials = credentials
         self._lines: list[TranscriptLine] = []
         self._started = time.monotonic()
         self._in_auth = False
@@ -76,7 +77,7 @@ class Transcript:
         """A reply: one `S` line per reply line, written as on the wire (`250-…`, `250 …`)."""
         if code != AUTH_CONTINUE:
             self._in_auth = False
-        lines = redact(message, self._credentials).split("\n")
+        lines = redact(message, self.credentials).split("\n")
         for index, text in enumerate(lines):
             separator = "-" if index < len(lines) - 1 else " "
             self._add("S", f"{code}{separator}{text}".rstrip())

@@ -315,6 +315,40 @@ class _Handler:
     ) -> Any:
         return self._owner.replies.get("AUTH", MISSING)
 
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        refusal = self._owner.refuse.get(address)
+        if refusal is not None:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        refusal = self._owner.refuse.get(address)
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        self._owner.messages.append(content)
+        return f"250 2.0.0 Ok: queued as Q{len(self._owner.messages):04d}"
+
     async def handle_exception(self, error: Exception) -> str:
         # Replaces aiosmtpd's default, which logs a traceback for every failed STARTTLS
         # handshake; those are expected here and counted instead.
@@ -519,6 +553,8 @@ class SmtpServer(_LoopbackServer):
         greeting_delay: float = 0.0,
         replies: Mapping[str, str] | None = None,
         oauth_error: Mapping[str, str] | None = None,
+        refuse: Mapping[str, str] | None = None,
+        smtputf8: bool = False,
     ) -> None:
         super().__init__()
         if mode not in SMTP_MODES:
@@ -541,8 +577,13 @@ class SmtpServer(_LoopbackServer):
         self.greeting_delay = greeting_delay
         self.replies = dict(replies or {})
         self.oauth_error = dict(oauth_error or OAUTH_ERROR)
+        #: Envelope addresses (MAIL FROM or RCPT TO) and the reply that refuses each.
+        self.refuse = dict(refuse or {})
+        self.smtputf8 = smtputf8
 
         self.commands: list[ReceivedCommand] = []
+        #: The content of every message received with DATA.
+        self.messages: list[bytes] = []
         self.auth_attempts: list[AuthAttempt] = []
         self.errors: list[Exception] = []
         self.tls_handshakes_completed = 0
@@ -588,6 +629,8 @@ class SmtpServer(_LoopbackServer):
             auth_require_tls=self.auth_require_tls,
             auth_exclude_mechanism=self._excluded_mechanisms,
             authenticator=self._handler.authenticate,
+            enable_SMTPUTF8=self.smtputf8,
+            decode_data=False,
             loop=loop,
         )
         if self.mode == "tls":
@@ -801,6 +844,8 @@ class SmtpServerFactory:
         greeting_delay: float = 0.0,
         replies: Mapping[str, str] | None = None,
         oauth_error: Mapping[str, str] | None = None,
+        refuse: Mapping[str, str] | None = None,
+        smtputf8: bool = False,
     ) -> SmtpServer:
         """A started server; ``cert`` defaults to ``good_cert``."""
         server = SmtpServer(
@@ -814,6 +859,8 @@ class SmtpServerFactory:
             greeting_delay=greeting_delay,
             replies=replies,
             oauth_error=oauth_error,
+            refuse=refuse,
+            smtputf8=smtputf8,
         )
         await server.start()
         self._servers.append(server)

@@ -144,6 +144,13 @@ def _pem_text(
     return None if value is None else value.read()
 
 
+def _none_when_empty(
+    _context: click.Context, _parameter: click.Parameter, value: tuple[str, ...]
+) -> list[str] | None:
+    """A repeated option not given is not sent (the request's default applies)."""
+    return list(value) if value else None
+
+
 def request_options(command: _F) -> _F:
     """The options that mirror the session request fields.
 
@@ -208,6 +215,24 @@ def request_options(command: _F) -> _F:
             is_flag=True,
             default=None,
             help="Show the SMTP dialogue (AUTH payloads and secrets redacted).",
+        ),
+        click.option(
+            "--mail-from",
+            metavar="ADDRESS",
+            help="Envelope probe: MAIL FROM this address after AUTH ('' for <>); needs --rcpt-to.",
+        ),
+        click.option(
+            "--rcpt-to",
+            metavar="ADDRESS",
+            multiple=True,
+            callback=_none_when_empty,
+            help="Envelope probe: RCPT TO this address (repeat for more); then RSET, nothing sent.",
+        ),
+        click.option(
+            "--send-test-message",
+            is_flag=True,
+            default=None,
+            help="Send a short test message to the --rcpt-to addresses (DATA instead of RSET).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
         click.option("-v", "--verbose", is_flag=True, help="Log every attempt to stderr."),

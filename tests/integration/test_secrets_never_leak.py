@@ -492,7 +492,7 @@ async def test_a_server_echoing_auth_in_its_535_leaks_nothing(
     credentials = (
         Credentials(USER, oauth2_token=parsed["oauth2_token"])
         if parsed
-        else Credentials(*secret.split(":", 1))
+        else Credentials(USER, password=secret.split(":", 1)[1])
     )
     assert outcome["err_message"].startswith("535 5.7.8 Authentication failed / AUTH ")
     assert REDACTED in outcome["err_message"]

@@ -198,4 +198,11 @@ def test_quote_reply_is_one_bounded_printable_line() -> None:
 
 def test_retryable_categories() -> None:
     retryable = {c.value for c in ErrorCategory if c.retryable}
-    assert retryable == {"dns", "refused", "timeout", "disconnected", "smtp_transient"}
+    assert retryable == {
+        "dns",
+        "refused",
+        "timeout",
+        "disconnected",
+        "smtp_transient",
+        "oauth_unavailable",
+    }

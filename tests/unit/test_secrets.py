@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from smtp_session.tasks.errors import InvalidRequest
-from smtp_session.tasks.secrets import Credentials, env_variable, redact, resolve_credentials
+from smtp_session.tasks.secrets import (
+    Credentials,
+    OAuth2Client,
+    env_variable,
+    redact,
+    resolve_credentials,
+)
 
 SECRET = "s3cr3t-Pa55"
 
@@ -31,6 +37,45 @@ def test_json_oauth2_token() -> None:
     raw = '{"username": "me@example.com", "oauth2_token": "ya29.token"}'
     found = resolve_credentials("g", {"SMTP_SESSION_SECRET_G": raw})
     assert found == Credentials("me@example.com", oauth2_token="ya29.token")
+
+
+def test_json_oauth2_client() -> None:
+    raw = (
+        '{"username": "me@example.com", "token_url": "https://idp.example/token", '
+        f'"client_id": "app", "client_secret": "{SECRET}", "refresh_token": "1//rt-{SECRET}"}}'
+    )
+    found = resolve_credentials("g", {"SMTP_SESSION_SECRET_G": raw})
+    assert found == Credentials(
+        "me@example.com",
+        oauth2_client=OAuth2Client(
+            "https://idp.example/token",
+            "app",
+            client_secret=SECRET,
+            refresh_token=f"1//rt-{SECRET}",
+        ),
+    )
+    assert found.uses_xoauth2
+    assert SECRET not in repr(found) + str(found)
+    assert redact(f"said {SECRET} and 1//rt-{SECRET}", found).count(SECRET) == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"token_url": "http://idp.example/token"}, "token_url must be an https:// URL"),
+        ({"token_url": "https:///token"}, "token_url must be an https:// URL with a host"),
+        ({"client_id": ""}, "client_id must be a non-empty string"),
+        ({"client_secret": 42}, "client_secret must be a non-empty string"),
+        ({"password": SECRET}, "'password' is not a key of the OAuth2 client form"),
+    ],
+)
+def test_a_malformed_oauth2_client_names_the_key(fields: dict[str, object], problem: str) -> None:
+    import json
+
+    data = {"username": "u", "token_url": "https://idp.example/t", "client_id": "app", **fields}
+    with pytest.raises(InvalidRequest, match=problem) as caught:
+        resolve_credentials("bad", {"SMTP_SESSION_SECRET_BAD": json.dumps(data)})
+    assert SECRET not in str(caught.value)
 
 
 def test_secrets_directory(tmp_path: Path) -> None:
