@@ -88,6 +88,9 @@ _BY_CODE = {row.code: row for row in PLATFORM_CODES}
 MAX_QUOTED_REPLY = 300
 _E = TypeVar("_E", bound=BaseException)
 _ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+#: Enhanced codes that refuse the sender for lack of Send As rights, after DATA
+#: (Microsoft 365: 5.7.60 SendAsDenied, 5.2.252 SendAsDeniedException).
+SEND_AS_REFUSALS = frozenset({"5.7.60", "5.2.252"})
 #: A refusal in the envelope probe is the sender's or a recipient's.
 _ENVELOPE_CATEGORIES = {
     Stage.MAIL: ErrorCategory.SENDER_REJECTED,
@@ -192,6 +195,9 @@ def _classify_reply(
     is_auth = isinstance(exc, SMTPAuthenticationError) or stage is Stage.AUTH
     if is_auth and (code in (534, 535) or (enhanced and enhanced.group(1).startswith("5.7."))):
         return _reply_failure(ErrorCategory.AUTH_FAILED, stage, code, text)
+    if stage is Stage.DATA and enhanced and enhanced.group(1) in SEND_AS_REFUSALS:
+        # Microsoft 365 checks Send As when the message is submitted, not at MAIL FROM.
+        return _reply_failure(ErrorCategory.SENDER_REJECTED, stage, code, text)
     if stage in _ENVELOPE_CATEGORIES and 400 <= code < 600:
         failure = _reply_failure(_ENVELOPE_CATEGORIES[stage], stage, code, text)
         return replace(failure, retryable=code < 500)

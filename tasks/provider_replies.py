@@ -140,6 +140,22 @@ REPLY_HINTS: tuple[ReplyHint, ...] = (
         words=("not authenticated",),
     ),
     ReplyHint(
+        "m365-send-as-denied",
+        "the mailbox has no Send As right for this From address: send from the mailbox's "
+        "own address, or have an admin grant Send As on it. Microsoft 365 checks this only "
+        "when a message is submitted: the envelope probe alone cannot see it, "
+        "send_test_message does",
+        codes=frozenset({550, 554}),
+        words=("SendAsDenied", "send as this sender"),
+    ),
+    ReplyHint(
+        "sender-not-owned",
+        "the server lets this account send only from its own addresses: use one of them as "
+        "the From address (mail_from), or allow this sender for the account",
+        codes=frozenset({553, 550}),
+        words=("not owned by user", "sender login mismatch"),
+    ),
+    ReplyHint(
         "too-many-logins",
         "the server limits logins from this client: wait before trying again "
         f"({_RATE_LIMITED}); every further try may extend the lockout",

@@ -323,7 +323,7 @@ class _Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        refusal = self._owner.refuse.get(address)
+        refusal = self._owner.replies.get("MAIL") or self._owner.refuse.get(address)
         if refusal is not None:
             return refusal
         envelope.mail_from = address
@@ -338,13 +338,15 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        refusal = self._owner.refuse.get(address)
+        refusal = self._owner.replies.get("RCPT") or self._owner.refuse.get(address)
         if refusal is not None:
             return refusal
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if "DATA" in self._owner.replies:  # refused at the end of the message
+            return self._owner.replies["DATA"]
         content = envelope.original_content or b""
         self._owner.messages.append(content)
         return f"250 2.0.0 Ok: queued as Q{len(self._owner.messages):04d}"
@@ -531,7 +533,8 @@ class SmtpServer(_LoopbackServer):
     ``greeting_delay``: seconds each connection waits for its greeting (after the
     handshake, in ``tls`` mode), like a far-away server's.
     A refused token gets the XOAUTH2 challenge ``oauth_error`` (JSON), then the 535.
-    ``replies`` maps ``EHLO``, ``HELO`` or ``AUTH`` to the reply sent to every such
+    ``replies`` maps ``EHLO``, ``HELO``, ``AUTH``, ``MAIL``, ``RCPT`` or ``DATA`` (its
+    end) to the reply sent to every such
     command instead of the server's own (lines joined by CRLF): a provider's refusal.
 
     Records ``commands`` (every command line, in order, over all connections),

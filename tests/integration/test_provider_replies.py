@@ -130,6 +130,38 @@ CASES = [
     to_ehlo("ehlo-name-refused", "450 4.7.1 <localhost>: Helo command rejected: Host not found"),
     to_ehlo("ehlo-name-refused", "550 5.7.1 EHLO name localhost is not a fully qualified name"),
     to_ehlo("ehlo-name-refused", "554 5.7.1 Your hostname localhost does not resolve"),
+    # The envelope: Microsoft 365 refuses Send As only once the message is submitted.
+    Case(
+        "m365-send-as-denied",
+        "554 5.2.252 SendAsDenied; app@example.test not allowed to send as "
+        "ceo@example.test; STOREDRV.Submission.Exception:SendAsDeniedException",
+        command="DATA",
+        error="sender_rejected",
+        stage="data",
+    ),
+    Case(
+        "m365-send-as-denied",
+        "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+        command="DATA",
+        error="sender_rejected",
+        stage="data",
+    ),
+    # Postfix's reject_sender_login_mismatch.
+    Case(
+        "sender-not-owned",
+        "553 5.7.1 <ceo@example.test>: Sender address rejected: not owned by user app@example.test",
+        command="MAIL",
+        error="sender_rejected",
+        stage="mail",
+    ),
+    Case(
+        "not-authenticated",
+        f"530 5.7.57 Client not authenticated to send mail. {M365_STAMP}",
+        command="MAIL",
+        credentials=None,
+        error="sender_rejected",
+        stage="mail",
+    ),
     # Gmail refusing a token: the 334 JSON challenge, then its 5.7.8.
     Case(
         "xoauth2-challenge",
@@ -141,6 +173,7 @@ CASES = [
     ),
 ]
 HINTS = {row.name: row.hint for row in REPLY_HINTS}
+ENVELOPE_COMMANDS = ("MAIL", "RCPT", "DATA")
 
 
 def test_every_row_has_a_case() -> None:
@@ -162,6 +195,9 @@ async def open_against(
         fields["ca_file"] = ca_pem_path
     if case.credentials is not None:
         fields["credentials"] = case.credentials
+    if case.command in ENVELOPE_COMMANDS:
+        fields |= {"mail_from": "ceo@example.test", "rcpt_to": ["alice@example.org"]}
+        fields["send_test_message"] = case.command == "DATA"
     outcome = await open_session(
         {**fields, "retries": RETRIES, "timeout": 5.0, "ehlo_name": "probe.example"},
         environ=SECRETS,
@@ -187,7 +223,8 @@ async def test_a_providers_reply_gets_its_hint(
     assert len(sleep.delays) == outcome.attempts - 1
     assert all((delay >= MAX_BACKOFF / 2) == rate_limited for delay in sleep.delays)
     # One AUTH per attempt that reached it: no second mechanism, no lockout by cycling.
-    assert server.verbs.count("AUTH") == (0 if case.command == "EHLO" else outcome.attempts)
+    auths = 0 if case.command == "EHLO" or case.credentials is None else outcome.attempts
+    assert server.verbs.count("AUTH") == auths
 
 
 async def test_a_token_echoed_in_the_challenge_is_redacted(
