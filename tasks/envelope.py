@@ -61,7 +61,9 @@ def compose_test_message(
 ) -> tuple[EmailMessage, str]:
     """The test message (Date, Message-ID, From, To, Subject) and its Message-ID."""
     international = needs_smtputf8(mail_from) or any(map(needs_smtputf8, rcpt_to))
-    message = EmailMessage(policy=SMTPUTF8 if international else SMTP)
+    # Headers unfolded (RFC 5322's line limit is 998): a folded Message-ID trips up parsers.
+    policy = (SMTPUTF8 if international else SMTP).clone(max_line_length=998)
+    message = EmailMessage(policy=policy)
     message_id = email.utils.make_msgid("smtp-session", domain=message_id_domain)
     message["Date"] = email.utils.formatdate(usegmt=True)
     message["Message-ID"] = message_id

@@ -8,6 +8,7 @@ import hashlib
 import os
 import ssl
 import sys
+from collections.abc import Coroutine
 from typing import Any, Literal
 
 import certifi
@@ -164,12 +165,23 @@ class SMTPClient(SMTP):
         return response
 
     async def starttls(self, *args: Any, **kwargs: Any) -> SMTPResponse:
-        # STARTTLS is written by aiosmtplib's protocol itself, not by execute_command.
+        # STARTTLS and DATA are written by aiosmtplib's protocol, not by execute_command.
+        return await self._recorded([b"STARTTLS"], super().starttls(*args, **kwargs))
+
+    async def data(self, message: str | bytes, /, **kwargs: Any) -> SMTPResponse:
+        size = len(message.encode() if isinstance(message, str) else message)
+        lines = [b"DATA", f"[the message, {size} bytes, then .]".encode()]
+        return await self._recorded(lines, super().data(message, **kwargs))
+
+    async def _recorded(
+        self, sent: list[bytes], reply: Coroutine[Any, Any, SMTPResponse]
+    ) -> SMTPResponse:
         if self.transcript is None:
-            return await super().starttls(*args, **kwargs)
-        self.transcript.sent(b"STARTTLS")
+            return await reply
+        for line in sent:
+            self.transcript.sent(line)
         try:
-            response = await super().starttls(*args, **kwargs)
+            response = await reply
         except SMTPResponseException as exc:
             self.transcript.received(exc.code, exc.message)
             raise

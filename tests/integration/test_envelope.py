@@ -171,3 +171,23 @@ async def test_addresses_are_checked_before_any_io(
     assert outcome.error == ErrorCategory.INVALID_REQUEST
     assert outcome.err_message.startswith(message), outcome.err_message
     assert server.connections_accepted == 0
+
+
+async def test_the_transcript_shows_the_envelope_and_the_message_by_size(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = await smtp_server_factory(mode="plain")
+    outcome = await probe(server, send_test_message=True, transcript=True)
+    assert outcome.ok, outcome.err_message
+    assert outcome.transcript is not None
+    said = [(line.dir, line.line) for line in outcome.transcript]
+    assert ("C", f"MAIL FROM:<{SENDER}>") in said
+    assert [line for line in said if line[1].startswith("RCPT")] == [
+        ("C", f"RCPT TO:<{ALICE}>"),
+        ("C", f"RCPT TO:<{BOB}>"),
+    ]
+    (size,) = (len(message) for message in server.messages)
+    data = said.index(("C", "DATA"))
+    assert said[data + 1][1].startswith("[the message, ") and said[data + 2][0] == "S"
+    assert said[data + 2][1] == "250 2.0.0 Ok: queued as Q0001"
+    assert size > 0
