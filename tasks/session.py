@@ -70,6 +70,7 @@ from smtp_session.tasks.transcript import Transcript
 from smtp_session.tasks.trust import (
     SMTPClient,
     TrustMode,
+    ca_file_problem,
     fetch_unverified_certificate,
     peer_certificate,
     verifying_context,
@@ -691,13 +692,10 @@ def prepare(
         # Read here, where the session runs: a backend that enqueues does not have the file.
         try:
             verifying_context("portable", request.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            problem = (
-                "holds no PEM certificate"
-                if isinstance(exc, ssl.SSLError) or not exc.strerror
-                else exc.strerror
-            )
-            raise InvalidRequest("ca_file", f"{request.ca_file!r}: {problem}") from None
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise InvalidRequest(
+                "ca_file", f"{request.ca_file!r}: {ca_file_problem(exc)}"
+            ) from None
     credentials = resolve_credentials(request.credentials, environ) if request.credentials else None
     return request, credentials
 

@@ -6,7 +6,9 @@ import asyncio
 import functools
 import hashlib
 import os
+import re
 import ssl
+import stat
 import sys
 from collections.abc import Coroutine
 from typing import Any, Literal
@@ -60,17 +62,53 @@ def _store_version() -> tuple[str | None, str | None, float, float]:
     return paths.cafile, paths.capath, _mtime(paths.cafile), _mtime(paths.capath)
 
 
+#: A CA file larger than this is refused: a few CAs, or a bundle, not a disk image.
+MAX_CA_FILE = 4 * 1024 * 1024
+_PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----"
+)
+
+
+def read_ca_file(path: str) -> str:
+    """The PEM certificates of a CA file; raises OSError, or ValueError saying what is wrong.
+
+    Opened without blocking and read only when it is a regular file, so that a FIFO or a
+    device named as a CA file fails at once rather than hanging the session; bounded by
+    MAX_CA_FILE. Only the certificates are kept (a private key beside them is not).
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError("is not a regular file")
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            data = handle.read(MAX_CA_FILE + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_CA_FILE:
+        raise ValueError(f"is larger than {MAX_CA_FILE // (1024 * 1024)} MiB")
+    certificates = _PEM_CERTIFICATE.findall(data.decode("ascii", "replace"))
+    if not certificates:
+        raise ValueError("holds no PEM certificate")
+    return "\n".join(certificates)
+
+
+def ca_file_problem(exc: OSError | ValueError | ssl.SSLError) -> str:
+    """What is wrong with a CA file, for an error message: read_ca_file's or the system's
+    words (an SSLError: certificates OpenSSL cannot load)."""
+    if isinstance(exc, ssl.SSLError):
+        return "holds no usable PEM certificate"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
+
+
 @functools.lru_cache(maxsize=64)
-def _cached_context(
-    mode: TrustMode, ca_files: tuple[str, ...], ca_pem: str | None, _version: object
-) -> ssl.SSLContext:
+def _cached_context(mode: TrustMode, ca_pems: tuple[str, ...], _version: object) -> ssl.SSLContext:
     if mode == "native":
         return _harden(_native_context())
     context = ssl.create_default_context(cafile=certifi.where())
-    for ca_file in ca_files:
-        context.load_verify_locations(cafile=ca_file)
-    if ca_pem is not None:
-        context.load_verify_locations(cadata=ca_pem)  # in memory: never written to disk
+    for pem in ca_pems:
+        context.load_verify_locations(cadata=pem)  # in memory: never written to disk
     return _harden(context)
 
 
@@ -85,14 +123,15 @@ def verifying_context(
     """A context that verifies the chain and the host name, TLS 1.2 or newer.
 
     `native` asks the operating system's verifier; `portable` uses certifi's bundle plus
-    the `ca_files` given (None ones skipped) and the certificates of `ca_pem`. Contexts are
-    cached, since building one reads a whole CA bundle, and built anew when the bundles
-    behind them change (mtime or path).
+    the `ca_files` given (None ones skipped, each read with read_ca_file) and the
+    certificates of `ca_pem`. Contexts are cached, since building one reads a whole CA
+    bundle: by the CA files' content, so a replaced CA is used at once whatever its mtime;
+    the system store's by its paths and mtimes. Raises OSError or ValueError for a CA file.
     """
     if mode == "native":
-        return _cached_context(mode, (), None, _store_version())
-    files = tuple(ca_file for ca_file in ca_files if ca_file)
-    return _cached_context(mode, files, ca_pem, tuple(_mtime(ca_file) for ca_file in files))
+        return _cached_context(mode, (), _store_version())
+    pems = tuple(read_ca_file(ca_file) for ca_file in ca_files if ca_file)
+    return _cached_context(mode, (*pems, *([ca_pem] if ca_pem is not None else [])), None)
 
 
 def _names(certificate: x509.Certificate) -> list[str]:

@@ -100,12 +100,20 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+class AddressError(click.BadParameter):
+    """HOST[:PORT] that cannot be split; `field` is the request field to blame."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message, param_hint="HOST[:PORT]")
+        self.field = field
+
+
 def split_host_port(value: str) -> tuple[str, int | None]:
     """`host`, `host:port`, `[v6]:port` or a bare IPv6 literal."""
     if value.startswith("["):
         host, bracket, rest = value[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise click.BadParameter(f"{value!r} is not HOST[:PORT]", param_hint="HOST[:PORT]")
+            raise AddressError(f"{value!r} is not HOST[:PORT]", "host")
         port_text = rest[1:] or None
     elif value.count(":") == 1:
         host, port_text = value.split(":")
@@ -115,13 +123,11 @@ def split_host_port(value: str) -> tuple[str, int | None]:
             try:
                 ipaddress.IPv6Address(value)
             except ValueError:
-                raise click.BadParameter(
-                    f"{value!r} is not HOST[:PORT]", param_hint="HOST[:PORT]"
-                ) from None
+                raise AddressError(f"{value!r} is not HOST[:PORT]", "host") from None
     if port_text is None:
         return host, None
     if not (port_text.isascii() and port_text.isdigit()):
-        raise click.BadParameter(f"port {port_text!r} is not a number", param_hint="HOST[:PORT]")
+        raise AddressError(f"port {port_text!r} is not a number", "port")
     return host, int(port_text)
 
 
@@ -320,11 +326,60 @@ def emit(outcome: Outcome, *, as_json: bool) -> NoReturn:
 class Commands(click.Group):
     """The command group; Ctrl+C in any command is one line on stderr and exit 130."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGS_KEY] = list(args)  # the subcommand's, for its usage errors below
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # `--json` promises one JSON document on stdout: a command line the options
+            # cannot parse still gets its invalid_request Outcome there (usage on stderr).
+            if "--json" in ctx.meta.get(ARGS_KEY, []) and ctx.invoked_subcommand in JSON_COMMANDS:
+                outcome = _usage_outcome(exc)
+                if ctx.invoked_subcommand == "sweep":  # a sweep's JSON is a summary
+                    from smtp_session.tasks.summary import SweepSummary
+
+                    summary = SweepSummary(
+                        total=1, ok=0, failed=1, duration_s=0, outcomes=[outcome]
+                    )
+                    click.echo(json.dumps(summary.to_dict()))
+                else:
+                    click.echo(json.dumps(outcome.to_dict()))
+            raise
         except (KeyboardInterrupt, click.Abort):  # click turns Ctrl+C at a prompt into Abort
             fail("interrupted", EXIT_INTERRUPTED)
+
+
+#: The commands with --json: an Outcome (a sweep: its summary), whatever the command line.
+JSON_COMMANDS = frozenset({"check", "enqueue", "sweep"})
+ARGS_KEY = "smtp_session.args"
+
+
+def _usage_result(command: str, error: click.UsageError) -> dict[str, Any]:
+    """What `command --json` prints for a command line it cannot parse."""
+    outcome = _usage_outcome(error)
+    if command != "sweep":
+        return outcome.to_dict()
+    from smtp_session.tasks.summary import SweepSummary
+
+    return SweepSummary(total=1, ok=0, failed=1, duration_s=0, outcomes=[outcome]).to_dict()
+
+
+def _usage_outcome(error: click.UsageError) -> Outcome:
+    """The invalid_request Outcome of a command line that cannot be parsed."""
+    from smtp_session.tasks.session import rejected
+
+    field, problem = "request", error.format_message()
+    if isinstance(error, click.NoSuchOption):
+        field, problem = error.option_name, "no such option"
+    elif isinstance(error, click.BadParameter) and error.param is not None:
+        field = "host" if error.param.name == "address" else error.param.name or field
+        problem = "is required" if isinstance(error, click.MissingParameter) else error.message
+    if isinstance(error, AddressError):
+        field, problem = error.field, error.message
+    return rejected(InvalidRequest(field, problem.removeprefix(f"{field} ")), {})
 
 
 @click.group(

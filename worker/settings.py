@@ -127,6 +127,21 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _ca_file_is_readable(self) -> Settings:
+        # Read at start: a missing or unusable CA file is the operator's to fix now, not a
+        # failure of every session later. (Imported here: the TLS stack is heavy to load.)
+        from smtp_session.tasks.trust import ca_file_problem, read_ca_file
+
+        if self.ca_file is not None:
+            try:
+                read_ca_file(str(self.ca_file))
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"ca_file: {str(self.ca_file)!r}: {ca_file_problem(exc)}"
+                ) from None
+        return self
+
+    @model_validator(mode="after")
     def _timeout_within_max(self) -> Settings:
         if self.timeout > self.max_timeout:
             raise ValueError(

@@ -227,22 +227,56 @@ async def test_invalid_request_is_one_json_document_and_exit_2(
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("command", "args", "message"),
     [
-        pytest.param(["127.0.0.1", "--security", "foo"], id="unknown-security"),
-        pytest.param(["x:abc"], id="port-not-a-number"),
-        pytest.param(["[::1"], id="unclosed-bracket"),
+        pytest.param(
+            "check",
+            ["127.0.0.1", "--security", "foo"],
+            "security: 'foo' is not one of 'auto', 'starttls', 'tls', 'plain'.",
+            id="unknown-security",
+        ),
+        pytest.param("check", ["x:abc"], "port: 'abc' is not a number", id="port-not-a-number"),
+        pytest.param("check", ["[::1"], "host: '[::1' is not HOST[:PORT]", id="unclosed-bracket"),
+        pytest.param("check", [], "host: is required", id="no-host"),
+        pytest.param(
+            "check",
+            ["x", "--timeout", "soon"],
+            "timeout: 'soon' is not a valid float.",
+            id="timeout-word",
+        ),
+        pytest.param(
+            "enqueue", ["x", "--bogus"], "--bogus: no such option", id="enqueue-unknown-option"
+        ),
     ],
 )
-async def test_usage_error_exits_2_with_a_message_on_stderr(
-    args: list[str], tmp_path: Path
+async def test_usage_error_with_json_is_an_invalid_request_outcome(
+    command: str, args: list[str], message: str, tmp_path: Path
 ) -> None:
-    run = await run_cli("check", *args, "--json", env=cli_env(tmp_path))
+    # --json promises one JSON document on stdout, whatever the command line; the usage
+    # text goes to stderr, as without it.
+    run = await run_cli(command, *args, "--json", env=cli_env(tmp_path))
 
     assert run.code == EXIT_INVALID, run
-    assert run.stdout == ""
+    outcome = run.json()
+    assert (outcome["error"], outcome["err_message"]) == ("invalid_request", message)
     assert "Error:" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+async def test_a_sweep_usage_error_with_json_is_a_summary(tmp_path: Path) -> None:
+    run = await run_cli("sweep", "--concurrency", "0", "--json", env=cli_env(tmp_path))
+
+    assert run.code == EXIT_INVALID, run
+    summary = run.json()
+    assert (summary["total"], summary["failed"]) == (1, 1)
+    assert summary["outcomes"][0]["err_message"].startswith("concurrency: ")
+
+
+async def test_a_usage_error_without_json_prints_nothing_on_stdout(tmp_path: Path) -> None:
+    run = await run_cli("check", "x:abc", env=cli_env(tmp_path))
+
+    assert (run.code, run.stdout) == (EXIT_INVALID, "")
+    assert "Error: Invalid value for HOST[:PORT]: port 'abc' is not a number" in run.stderr
 
 
 async def test_invalid_setting_exits_2_naming_the_variable(
