@@ -14,10 +14,14 @@ from smtp_session.worker.settings import InvalidSettings, load_settings
 
 
 def subjects(path: Path) -> set[str]:
+    """The organization names of the CAs a portable context for `path` trusts."""
     context = verifying_context("portable", str(path))
     return {
-        str(dict(part[0] for part in cert["subject"]).get("organizationName"))
+        str(value)
         for cert in context.get_ca_certs()
+        for rdn in cert["subject"]
+        for key, value in rdn
+        if key == "organizationName"
     }
 
 
