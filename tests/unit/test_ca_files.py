@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from smtp_session.tasks.trust import MAX_CA_FILE, read_ca_file, verifying_context
 from smtp_session.worker.settings import InvalidSettings, load_settings
@@ -17,11 +19,11 @@ def subjects(path: Path) -> set[str]:
     """The organization names of the CAs a portable context for `path` trusts."""
     context = verifying_context("portable", str(path))
     return {
-        str(value)
-        for cert in context.get_ca_certs()
-        for rdn in cert["subject"]
-        for key, value in rdn
-        if key == "organizationName"
+        str(attribute.value)
+        for der in context.get_ca_certs(binary_form=True)
+        for attribute in x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+            NameOID.ORGANIZATION_NAME
+        )
     }
 
 
