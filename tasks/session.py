@@ -234,7 +234,9 @@ class _Connection:
         finally:
             self.address = tried[-1] if tried else None
         smtp = self._smtp = SMTP(
-            hostname=request.connect_host,
+            # The name for SNI and verification, in both modes (STARTTLS defaults to it);
+            # the connection itself goes to the address resolved from `host`.
+            hostname=request.tls_server_name,
             sock=sock,
             use_tls=self.implicit_tls,
             start_tls=False,
@@ -356,7 +358,7 @@ def _explain(
         )
     elif failure.category is ErrorCategory.TLS_HOSTNAME:
         names = ", ".join(cert.sans) if cert is not None and cert.sans else "none"
-        message = f"certificate is not valid for {request.connect_host} (it names: {names})"
+        message = f"certificate is not valid for {request.tls_server_name} (it names: {names})"
     elif failure.category is ErrorCategory.TLS_UNTRUSTED:
         if both_modes:
             message += " (native and portable trust)"
@@ -458,7 +460,7 @@ async def run_attempt(
         cert = await fetch_unverified_certificate(
             address=connection.address,
             port=request.effective_port,
-            server_hostname=request.connect_host,
+            server_hostname=request.tls_server_name,
             implicit_tls=connection.implicit_tls,
             local_hostname=ehlo_name,
             seconds=connection.remaining(),

@@ -476,7 +476,8 @@ class SmtpServer(_LoopbackServer):
 
     Records ``commands`` (every command line, in order, over all connections),
     ``auth_attempts``, ``connections_accepted``, ``tls_handshakes_completed``,
-    ``tls_handshake_failures`` and unexpected handler ``errors``.
+    ``tls_handshake_failures``, the SNI name of each TLS handshake (``server_names``, None
+    where the client sent none) and unexpected handler ``errors``.
     """
 
     def __init__(
@@ -521,8 +522,16 @@ class SmtpServer(_LoopbackServer):
             self._excluded_mechanisms += ["PLAIN", "LOGIN"]
         if self.oauth_tokens is None:
             self._excluded_mechanisms.append("XOAUTH2")
+        self.server_names: list[str | None] = []
         self._ssl_context = server_ssl_context(cert) if cert is not None else None
+        if self._ssl_context is not None:
+            self._ssl_context.sni_callback = self._record_server_name
         self._handler = _Handler(self)
+
+    def _record_server_name(
+        self, _tls: ssl.SSLObject, name: str | None, _context: ssl.SSLContext
+    ) -> None:
+        self.server_names.append(name)
 
     @property
     def advertises_auth(self) -> bool:

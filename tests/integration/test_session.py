@@ -19,6 +19,7 @@ from tests.servers import (
     LOOPBACK,
     WRONG_HOST,
     RawServerFactory,
+    SmtpMode,
     SmtpServerFactory,
 )
 
@@ -233,6 +234,48 @@ async def test_wrong_host_name(
     assert outcome.err_message == (
         f"certificate is not valid for {LOOPBACK} (it names: {WRONG_HOST})"
     )
+
+
+@pytest.mark.parametrize("trust", ["native", "portable"])
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+async def test_tls_name_is_the_name_sent_and_verified_when_host_is_an_address(
+    smtp_server_factory: SmtpServerFactory,
+    wrong_host_cert: trustme.LeafCert,
+    ca_pem_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: SmtpMode,
+    trust: str,
+) -> None:
+    # The certificate names other.example only: host 127.0.0.1 alone fails tls_hostname.
+    server = await smtp_server_factory(mode=mode, cert=wrong_host_cert)
+    if trust == "native":
+        monkeypatch.setenv("SSL_CERT_FILE", ca_pem_path)  # the system's store knows the CA
+        ca: dict[str, str] = {}
+    else:
+        ca = {"ca_file": ca_pem_path}
+    outcome = await session(server.port, security=mode, trust=trust, tls_name=WRONG_HOST, **ca)
+    assert outcome.ok, outcome.err_message
+    assert outcome.tls is not None
+    assert (outcome.tls.trust, outcome.tls.verified) == (trust, True)
+    assert (outcome.host, outcome.address) == (LOOPBACK, LOOPBACK)  # connected to the host
+    assert server.server_names == [WRONG_HOST]
+
+
+async def test_tls_name_is_also_the_report_only_fetchs_name(
+    smtp_server_factory: SmtpServerFactory, wrong_host_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", cert=wrong_host_cert)
+    outcome = await session(
+        server.port, trust="portable", ca_file=ca_pem_path, tls_name="mail.example"
+    )
+    assert outcome.error == "tls_hostname"
+    assert outcome.err_message == (
+        f"certificate is not valid for mail.example (it names: {WRONG_HOST})"
+    )
+    assert outcome.tls is not None
+    assert outcome.tls.cert is not None
+    # The verified try and the report-only certificate fetch, both asking for the same name.
+    assert server.server_names == ["mail.example", "mail.example"]
 
 
 async def test_implicit_tls_against_a_plaintext_port(
