@@ -134,6 +134,7 @@ class _Connection:
         self.deadline = 0.0
         self._loop = asyncio.get_running_loop()
         self._stage_started = 0.0
+        self._connect_started = 0.0  # when connect_timeout's budget began
         self._smtp: SMTP | None = None
 
     def remaining(self) -> float:
@@ -186,16 +187,18 @@ class _Connection:
     def _timed_out(self) -> Failure:
         """A timeout, naming the budget that ran out: the attempt's, or the stage's."""
         now, request, activity = self._loop.time(), self.request, STAGE_ACTIVITY[self.stage]
+        if self.implicit_tls and self.stage is Stage.BANNER:
+            activity += " after the TLS handshake"
         if now >= self.deadline - DEADLINE_SLACK or self.stage is Stage.RESOLVE:
             message = f"attempt deadline (timeout) of {request.timeout:g} s reached {activity}"
         else:
-            name, budget = (
-                ("connect_timeout", request.effective_connect_timeout)
+            # connect_timeout is one budget for connect, TLS and greeting: all of it ran out.
+            name, budget, since = (
+                ("connect_timeout", request.effective_connect_timeout, self._connect_started)
                 if self.stage in CONNECT_STAGES
-                else ("command_timeout", request.effective_command_timeout)
+                else ("command_timeout", request.effective_command_timeout, self._stage_started)
             )
-            waited = now - self._stage_started
-            message = f"timed out after {waited:.1f} s {activity} ({name} of {budget:g} s)"
+            message = f"timed out after {now - since:.1f} s {activity} ({name} of {budget:g} s)"
         return Failure(ErrorCategory.TIMEOUT, message, self.stage)
 
     async def _bounded(self, stage: Stage, step: Awaitable[_T], seconds: float) -> _T:
@@ -227,7 +230,8 @@ class _Connection:
     async def _converse(self, addresses: list[AddressInfo], context: ssl.SSLContext | None) -> None:
         """From the TCP connection to QUIT."""
         request = self.request
-        connect_deadline = self._loop.time() + request.effective_connect_timeout
+        self._connect_started = self._loop.time()
+        connect_deadline = self._connect_started + request.effective_connect_timeout
         tried: list[str] = []
         try:
             sock = await connect_first(addresses, connect_deadline, tried)

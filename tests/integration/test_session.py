@@ -400,6 +400,33 @@ async def test_silent_server_with_implicit_tls_times_out_in_the_handshake(
     )
 
 
+@pytest.mark.parametrize(
+    ("budgets", "message"),
+    [
+        (
+            {"timeout": 5.0, "connect_timeout": 0.5},
+            "timed out after 0.5 s while waiting for the server greeting after the TLS "
+            "handshake (connect_timeout of 0.5 s)",
+        ),
+        (
+            {"timeout": 0.5},
+            "attempt deadline (timeout) of 0.5 s reached while waiting for the server "
+            "greeting after the TLS handshake",
+        ),
+    ],
+)
+async def test_implicit_tls_without_a_greeting_names_the_whole_wait(
+    raw_server_factory: RawServerFactory,
+    ca_pem_path: str,
+    budgets: dict[str, Any],
+    message: str,
+) -> None:
+    server = await raw_server_factory("tls_silent")  # the handshake completes, then nothing
+    outcome = await session(server.port, security="tls", ca_file=ca_pem_path, retries=0, **budgets)
+    assert (outcome.error, outcome.stage) == ("timeout", "banner")
+    assert outcome.err_message == message
+
+
 async def test_slow_drip_costs_at_most_the_timeout(raw_server_factory: RawServerFactory) -> None:
     server = await raw_server_factory("slow_drip")
     started = time.monotonic()
