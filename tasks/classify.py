@@ -83,6 +83,13 @@ PLATFORM_CODES = (
 )
 _BY_CODE = {row.code: row for row in PLATFORM_CODES}
 
+#: A server that accepts only clients with a certificate (mutual TLS); the evidence follows
+#: in parentheses: its alert, or its request for one and the connection it then closed.
+CLIENT_CERTIFICATE_REQUIRED = (
+    "TLS handshake failed: server requires a client certificate, and this client presents none"
+)
+_CERTIFICATE_REQUIRED_ALERT = "TLSV13_ALERT_CERTIFICATE_REQUIRED"  # OpenSSL's reason
+
 MAX_QUOTED_REPLY = 120
 _E = TypeVar("_E", bound=BaseException)
 _ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -226,6 +233,9 @@ def classify(
     if (cert_error := _find(exc, ssl.SSLCertVerificationError)) is not None:
         return _classify_certificate(cert_error, stage)
     if (tls_error := _find(exc, ssl.SSLError)) is not None:
+        if tls_error.reason == _CERTIFICATE_REQUIRED_ALERT:
+            message = f"{CLIENT_CERTIFICATE_REQUIRED} (TLS alert certificate_required)"
+            return Failure(ErrorCategory.TLS_HANDSHAKE, message, stage)
         reason = (tls_error.reason or str(tls_error)).lower().replace("_", " ")
         return Failure(ErrorCategory.TLS_HANDSHAKE, f"TLS handshake failed: {reason}", stage)
     if (dns_error := _find(exc, socket.gaierror)) is not None:

@@ -22,11 +22,13 @@ from aiosmtplib import SMTP, SMTPException, SMTPResponse
 
 from smtp_session.tasks.classify import (
     CERT_HAS_EXPIRED,
+    CLIENT_CERTIFICATE_REQUIRED,
     STAGE_ACTIVITY,
     Failure,
     classify,
     quote_reply,
 )
+from smtp_session.tasks.client_auth import asked_for_certificate
 from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
@@ -98,6 +100,21 @@ def utc_now() -> str:
     return utc_iso(time.time())
 
 
+class _Client(SMTP):
+    """aiosmtplib's client, keeping the TLS object of its connection when it closes.
+
+    aiosmtplib drops the transport as soon as the server closes the connection, before
+    the failure is classified; what the handshake showed is still needed then.
+    """
+
+    tls: ssl.SSLObject | None = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.tls = self.transport.get_extra_info("ssl_object") or self.tls
+        super().close()
+
+
 class _Connection:
     """One TCP connection in one trust mode: resolve → connect → … → QUIT."""
 
@@ -135,7 +152,7 @@ class _Connection:
         self._loop = asyncio.get_running_loop()
         self._stage_started = 0.0
         self._connect_started = 0.0  # when connect_timeout's budget began
-        self._smtp: SMTP | None = None
+        self._smtp: _Client | None = None
 
     def remaining(self) -> float:
         return self.deadline - self._loop.time()
@@ -168,6 +185,11 @@ class _Connection:
                 f"{self.request.effective_port}",
                 credentials=self.credentials,
             )
+            if self._refused_without_certificate(failure):
+                message = (
+                    f"{CLIENT_CERTIFICATE_REQUIRED} (it asked for one, then closed the connection)"
+                )
+                failure = Failure(ErrorCategory.TLS_HANDSHAKE, message, failure.stage)
             if failure.category is ErrorCategory.INTERNAL:
                 # The traceback as text, never with local variables (they can hold the
                 # secret), whatever renderer the application configured.
@@ -183,6 +205,17 @@ class _Connection:
             if self._smtp is not None:
                 self._smtp.close()
         return None
+
+    def _refused_without_certificate(self, failure: Failure) -> bool:
+        """The server asked for a client certificate in the handshake (we present none) and
+        closed the connection before its first reply over TLS: the greeting with implicit
+        TLS, the EHLO reply after STARTTLS. With TLS 1.3 that is where its refusal lands."""
+        first_reply = (Stage.TLS, Stage.BANNER) if self.implicit_tls else (Stage.EHLO,)
+        lost = (ErrorCategory.REFUSED, ErrorCategory.DISCONNECTED)
+        if self._smtp is None or failure.stage not in first_reply or failure.category not in lost:
+            return False
+        self._smtp.close()  # keeps the TLS object, if aiosmtplib has not closed it already
+        return asked_for_certificate(self._smtp.tls)
 
     def _timed_out(self) -> Failure:
         """A timeout, naming the budget that ran out: the attempt's, or the stage's."""
@@ -237,7 +270,7 @@ class _Connection:
             sock = await connect_first(addresses, connect_deadline, tried)
         finally:
             self.address = tried[-1] if tried else None
-        smtp = self._smtp = SMTP(
+        smtp = self._smtp = _Client(
             # The name for SNI and verification, in both modes (STARTTLS defaults to it);
             # the connection itself goes to the address resolved from `host`.
             hostname=request.tls_server_name,

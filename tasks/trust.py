@@ -16,6 +16,7 @@ from aiosmtplib import SMTP, SMTPException
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
+from smtp_session.tasks.client_auth import watch
 from smtp_session.tasks.outcome import CertInfo
 from smtp_session.tasks.resolve import connect_first, literal_address
 
@@ -62,13 +63,13 @@ def _cached_context(
     mode: TrustMode, ca_files: tuple[str, ...], ca_pem: str | None, _version: object
 ) -> ssl.SSLContext:
     if mode == "native":
-        return _harden(_native_context())
+        return watch(_harden(_native_context()))
     context = ssl.create_default_context(cafile=certifi.where())
     for ca_file in ca_files:
         context.load_verify_locations(cafile=ca_file)
     if ca_pem is not None:
         context.load_verify_locations(cadata=ca_pem)  # in memory: never written to disk
-    return _harden(context)
+    return watch(_harden(context))
 
 
 def forget_contexts() -> None:

@@ -278,6 +278,22 @@ async def test_tls_name_is_also_the_report_only_fetchs_name(
     assert server.server_names == ["mail.example", "mail.example"]
 
 
+@pytest.mark.parametrize(("mode", "stage"), [("starttls", "ehlo"), ("tls", "tls")])
+async def test_a_server_requiring_a_client_certificate_is_told_and_not_retried(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str, mode: SmtpMode, stage: str
+) -> None:
+    # TLS 1.3: the handshake completes on our side, then the server closes without a word.
+    server = await smtp_server_factory(mode=mode, client_cert_required=True)
+    outcome = await session(server.port, security=mode, ca_file=ca_pem_path, retries=2)
+    assert (outcome.error, outcome.stage) == ("tls_handshake", stage)
+    assert (outcome.retryable, outcome.attempts) == (False, 1)
+    assert outcome.err_message == (
+        "TLS handshake failed: server requires a client certificate, and this client "
+        "presents none (it asked for one, then closed the connection)"
+    )
+    assert server.connections_accepted == 1
+
+
 async def test_implicit_tls_against_a_plaintext_port(
     smtp_server_factory: SmtpServerFactory,
 ) -> None:

@@ -199,3 +199,18 @@ def test_quote_reply_is_one_bounded_printable_line() -> None:
 def test_retryable_categories() -> None:
     retryable = {c.value for c in ErrorCategory if c.retryable}
     assert retryable == {"dns", "refused", "timeout", "disconnected", "smtp_transient"}
+
+
+def test_the_certificate_required_alert_says_what_the_server_wants() -> None:
+    alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate")
+    alert.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    # Implicit TLS: at the greeting, wrapped; STARTTLS: at the next read, as the cause.
+    for stage, exc in (
+        (Stage.TLS, _wrapped(SMTPConnectError("Error connecting"), alert)),
+        (Stage.EHLO, _wrapped(SMTPServerDisconnected("Connection lost"), alert)),
+    ):
+        assert _classify(exc, stage) == (
+            ErrorCategory.TLS_HANDSHAKE,
+            "TLS handshake failed: server requires a client certificate, and this client "
+            "presents none (TLS alert certificate_required)",
+        )
