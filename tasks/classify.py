@@ -89,6 +89,17 @@ CLIENT_CERTIFICATE_REQUIRED = (
     "TLS handshake failed: server requires a client certificate, and this client presents none"
 )
 _CERTIFICATE_REQUIRED_ALERT = "TLSV13_ALERT_CERTIFICATE_REQUIRED"  # OpenSSL's reason
+#: OpenSSL's reasons for a handshake that read bytes that are not TLS at all (a plaintext
+#: service answered the ClientHello), as opposed to a TLS alert from a TLS server.
+NOT_TLS_REASONS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",  # OpenSSL 1.1 and 3.x, for "220 …" read as a record header
+        "UNKNOWN_PROTOCOL",  # OpenSSL 1.0
+        "PACKET_LENGTH_TOO_LONG",  # a "record" whose length bytes are text
+        "RECORD_LAYER_FAILURE",  # OpenSSL 3.2+, for the same
+        "UNEXPECTED_RECORD",  # a record type that cannot open a handshake
+    }
+)
 
 MAX_QUOTED_REPLY = 120
 _E = TypeVar("_E", bound=BaseException)
@@ -120,6 +131,8 @@ class Failure:
     smtp_enhanced: str | None = None
     # OpenSSL's X509_V_ERR_* code; a native verifier's code when OpenSSL has no equivalent.
     verify_code: int | None = None
+    # The TLS handshake read bytes that are not TLS (see NOT_TLS_REASONS).
+    peer_not_tls: bool = False
 
     @property
     def is_certificate_failure(self) -> bool:
@@ -237,7 +250,12 @@ def classify(
             message = f"{CLIENT_CERTIFICATE_REQUIRED} (TLS alert certificate_required)"
             return Failure(ErrorCategory.TLS_HANDSHAKE, message, stage)
         reason = (tls_error.reason or str(tls_error)).lower().replace("_", " ")
-        return Failure(ErrorCategory.TLS_HANDSHAKE, f"TLS handshake failed: {reason}", stage)
+        return Failure(
+            ErrorCategory.TLS_HANDSHAKE,
+            f"TLS handshake failed: {reason}",
+            stage,
+            peer_not_tls=tls_error.reason in NOT_TLS_REASONS,
+        )
     if (dns_error := _find(exc, socket.gaierror)) is not None:
         return Failure(ErrorCategory.DNS, f"could not resolve {host}: {dns_error.strerror}", stage)
     if (reply := _find(exc, SMTPResponseException)) is not None:

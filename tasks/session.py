@@ -33,8 +33,8 @@ from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
 from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFailure, Stage
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
+from smtp_session.tasks.probe import PROBE_SECONDS, PortEvidence, Speaks, probe
 from smtp_session.tasks.request import (
-    IMPLICIT_TLS_PORT,
     MAX_HOST_LENGTH,
     SessionRequest,
     parse_request,
@@ -148,6 +148,7 @@ class _Connection:
         self.verified = False
         self.tls_began = False
         self.authenticated = False
+        self.evidence: PortEvidence | None = None  # what the port speaks, if it was probed
         self.deadline = 0.0
         self._loop = asyncio.get_running_loop()
         self._stage_started = 0.0
@@ -312,19 +313,47 @@ class _Connection:
         # aiosmtplib runs the implicit TLS handshake and reads the greeting in one call;
         # whether it hung in the handshake or in the greeting is told apart by whether
         # the transport was handed over (smtp.protocol is set once the handshake is done).
+        # Without implicit TLS, the last stretch of the wait is shared with a probe: a port
+        # that answers a ClientHello will never greet in plaintext.
         self._enter(Stage.TLS if self.implicit_tls else Stage.BANNER)
+        deadline = min(connect_deadline, self.deadline)
         greeting = asyncio.ensure_future(smtp.connect())
+        probing = None if self.implicit_tls else asyncio.ensure_future(self._probe_late(deadline))
+        answered = False
         try:
-            done, _ = await asyncio.wait({greeting}, timeout=connect_deadline - self._loop.time())
+            done, _ = await asyncio.wait({greeting}, timeout=deadline - self._loop.time())
+            answered = bool(done)
         finally:
             if not greeting.done():
                 if self.implicit_tls and smtp.protocol is not None:
                     self._enter(Stage.BANNER)
                 greeting.cancel()
                 await asyncio.gather(greeting, return_exceptions=True)
-        if not done:
+            if probing is not None:
+                # Done by now unless a greeting came or the attempt was cancelled from outside.
+                probing.cancel()
+                await asyncio.gather(probing, return_exceptions=True)
+                if not answered and not probing.cancelled():
+                    self.evidence = probing.result()
+        if not answered:
             raise TimeoutError
         return greeting.result()
+
+    async def _probe_late(self, deadline: float) -> PortEvidence | None:
+        """Whether the port answers a ClientHello, asked on a second connection opened only
+        if no greeting has come PROBE_SECONDS (or half the wait) before `deadline`."""
+        window = min(PROBE_SECONDS, (deadline - self._loop.time()) / 2)
+        await asyncio.sleep(deadline - window - self._loop.time())
+        if self.address is None:
+            return None
+        # Ends just before the deadline: when the attempt's own deadline ends the wait, the
+        # evidence is in already (timers that fire together run in the order they are due).
+        return await probe(
+            self.address,
+            self.request.effective_port,
+            seconds=deadline - DEADLINE_SLACK - self._loop.time(),
+            server_name=self.request.tls_server_name,
+        )
 
     def _record_tls(self, smtp: SMTP) -> None:
         ssl_object = smtp.get_transport_info("ssl_object")
@@ -386,7 +415,6 @@ def _explain(
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
     message, hint = failure.message, None
-    security, port = request.effective_security, request.effective_port
     if failure.category is ErrorCategory.TLS_EXPIRED and cert is not None:
         message = (
             f"certificate has expired (notAfter {cert.not_after[:10]})"
@@ -404,22 +432,28 @@ def _explain(
             if request.trust != "native"
             else "try trust=auto, or trust=portable with the issuing CA in ca_file"
         )
-    elif (
-        failure.category is ErrorCategory.TIMEOUT
-        and failure.stage is Stage.BANNER
-        and port == IMPLICIT_TLS_PORT
-        and security != "tls"
-    ):
-        hint = "port 465 usually expects implicit TLS: try security=tls"
-    elif (
-        failure.category is ErrorCategory.TLS_HANDSHAKE
-        and security == "tls"
-        and port != IMPLICIT_TLS_PORT
-    ):
-        hint = f"port {port} usually expects STARTTLS: try security=starttls"
     elif failure.category is ErrorCategory.STARTTLS_UNAVAILABLE:
         hint = "if the server has an implicit TLS port (usually 465), try security=tls there"
     return message, hint
+
+
+def _mode_hint(evidence: PortEvidence | None, request: SessionRequest) -> str | None:
+    """The other mode, when the port itself showed that it speaks that one (tasks/probe.py).
+
+    Only the port's own bytes justify it: a port number does not, nor does a TLS alert
+    (which says the port speaks TLS, only not with us).
+    """
+    port, security = request.effective_port, request.effective_security
+    if evidence is None:
+        return None
+    if evidence.speaks is Speaks.TLS and security != "tls":
+        return (
+            f"port {port} speaks TLS from the first byte (it answered a TLS ClientHello "
+            "and sent no greeting): try security=tls"
+        )
+    if evidence.speaks is Speaks.SMTP and security == "tls":
+        return f'port {port} greets in plaintext ("{evidence.line}"): try security=starttls'
+    return None
 
 
 def _preferred_mode(request: SessionRequest) -> TrustMode:
@@ -502,6 +536,16 @@ async def run_attempt(
             local_hostname=ehlo_name,
             seconds=connection.remaining(),
         )
+    evidence = connection.evidence
+    if failure is not None and failure.peer_not_tls and connection.address:
+        # The implicit TLS handshake read no TLS: does the port greet in plaintext?
+        evidence = await probe(
+            connection.address,
+            request.effective_port,
+            seconds=min(PROBE_SECONDS, connection.remaining()),
+        )
+    # The port speaks the other mode: no attempt in this one can succeed.
+    wrong_mode = _mode_hint(evidence, request) if failure is not None else None
     message, hint = ("", None)
     if failure is not None:
         message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
@@ -510,8 +554,8 @@ async def run_attempt(
         err_message=message,
         error=failure.category if failure else None,
         stage=failure.stage if failure else Stage.DONE,
-        retryable=failure.category.retryable if failure else False,
-        hint=hint,
+        retryable=failure.category.retryable and wrong_mode is None if failure else False,
+        hint=wrong_mode or hint,
         smtp_code=failure.smtp_code if failure else None,
         smtp_enhanced=failure.smtp_enhanced if failure else None,
         host=request.host,

@@ -16,7 +16,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from smtp_session.tasks.classify import classify, quote_reply
+from smtp_session.tasks.classify import NOT_TLS_REASONS, classify, quote_reply
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
 
 
@@ -69,6 +69,29 @@ def test_a_connect_error_is_not_a_tls_error_by_class_alone() -> None:
         ErrorCategory.REFUSED,
         "connection refused by 192.0.2.1 port 587",
     )
+
+
+@pytest.mark.parametrize(
+    ("reason", "not_tls"),
+    [
+        *((reason, True) for reason in sorted(NOT_TLS_REASONS)),
+        ("TLSV1_ALERT_PROTOCOL_VERSION", False),
+        ("TLSV1_UNRECOGNIZED_NAME", False),
+        ("SSLV3_ALERT_HANDSHAKE_FAILURE", False),
+        ("UNSUPPORTED_PROTOCOL", False),
+    ],
+)
+def test_a_handshake_that_read_no_tls_is_marked(reason: str, not_tls: bool) -> None:
+    error = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    error.reason = reason
+    failure = classify(
+        _wrapped(SMTPConnectError("Error connecting"), error),
+        Stage.TLS,
+        host="smtp.example.com",
+        endpoint="192.0.2.1 port 587",
+    )
+    assert failure.category is ErrorCategory.TLS_HANDSHAKE
+    assert failure.peer_not_tls is not_tls
 
 
 def test_other_ssl_errors_are_handshake_failures() -> None:
