@@ -537,8 +537,9 @@ async def run_attempt(
             seconds=connection.remaining(),
         )
     evidence = connection.evidence
-    if failure is not None and failure.peer_not_tls and connection.address:
-        # The implicit TLS handshake read no TLS: does the port greet in plaintext?
+    read_no_tls = failure is not None and failure.peer_not_tls and failure.stage is Stage.TLS
+    if read_no_tls and connection.address:
+        # The implicit TLS handshake read no TLS: does the port greet in plaintext, unasked?
         evidence = await probe(
             connection.address,
             request.effective_port,
@@ -554,7 +555,7 @@ async def run_attempt(
         err_message=message,
         error=failure.category if failure else None,
         stage=failure.stage if failure else Stage.DONE,
-        retryable=failure.category.retryable and wrong_mode is None if failure else False,
+        retryable=(failure.category.retryable and wrong_mode is None) if failure else False,
         hint=wrong_mode or hint,
         smtp_code=failure.smtp_code if failure else None,
         smtp_enhanced=failure.smtp_enhanced if failure else None,
