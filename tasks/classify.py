@@ -83,6 +83,24 @@ PLATFORM_CODES = (
 )
 _BY_CODE = {row.code: row for row in PLATFORM_CODES}
 
+#: A server that accepts only clients with a certificate (mutual TLS); the evidence follows
+#: in parentheses: its alert, or its request for one and the connection it then closed.
+CLIENT_CERTIFICATE_REQUIRED = (
+    "TLS handshake failed: server requires a client certificate, and this client presents none"
+)
+_CERTIFICATE_REQUIRED_ALERT = "TLSV13_ALERT_CERTIFICATE_REQUIRED"  # OpenSSL's reason
+#: OpenSSL's reasons for a handshake that read bytes that are not TLS at all (a plaintext
+#: service answered the ClientHello), as opposed to a TLS alert from a TLS server.
+NOT_TLS_REASONS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",  # OpenSSL 1.1 and 3.x, for "220 …" read as a record header
+        "UNKNOWN_PROTOCOL",  # OpenSSL 1.0
+        "PACKET_LENGTH_TOO_LONG",  # a "record" whose length bytes are text
+        "RECORD_LAYER_FAILURE",  # OpenSSL 3.2+, for the same
+        "UNEXPECTED_RECORD",  # a record type that cannot open a handshake
+    }
+)
+
 # Room for a provider's whole refusal, every line of it: Gmail's two-line 535 with its
 # help link, Microsoft's 5.7.139 with its link and server stamp (about 240 characters).
 MAX_QUOTED_REPLY = 300
@@ -134,6 +152,9 @@ class Failure:
     @property
     def is_retryable(self) -> bool:
         return self.category.retryable if self.retryable is None else self.retryable
+
+    # The TLS handshake read bytes that are not TLS (see NOT_TLS_REASONS).
+    peer_not_tls: bool = False
 
     @property
     def is_certificate_failure(self) -> bool:
@@ -253,8 +274,16 @@ def classify(
     if (cert_error := _find(exc, ssl.SSLCertVerificationError)) is not None:
         return _classify_certificate(cert_error, stage)
     if (tls_error := _find(exc, ssl.SSLError)) is not None:
+        if tls_error.reason == _CERTIFICATE_REQUIRED_ALERT:
+            message = f"{CLIENT_CERTIFICATE_REQUIRED} (TLS alert certificate_required)"
+            return Failure(ErrorCategory.TLS_HANDSHAKE, message, stage)
         reason = (tls_error.reason or str(tls_error)).lower().replace("_", " ")
-        return Failure(ErrorCategory.TLS_HANDSHAKE, f"TLS handshake failed: {reason}", stage)
+        return Failure(
+            ErrorCategory.TLS_HANDSHAKE,
+            f"TLS handshake failed: {reason}",
+            stage,
+            peer_not_tls=tls_error.reason in NOT_TLS_REASONS,
+        )
     if (dns_error := _find(exc, socket.gaierror)) is not None:
         return Failure(ErrorCategory.DNS, f"could not resolve {host}: {dns_error.strerror}", stage)
     if (reply := _find(exc, SMTPResponseException)) is not None:

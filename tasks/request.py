@@ -50,6 +50,27 @@ def _is_ip_literal(text: str) -> bool:
     return True
 
 
+def _check_host_name(host: str) -> bool:
+    """Raise ValueError saying what is wrong with a host name; True for an IP literal."""
+    if not host:
+        raise ValueError("must not be empty")
+    if any(ch.isspace() for ch in host):
+        raise ValueError("must not contain spaces")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in host):
+        raise ValueError("must not contain control characters")
+    if len(host) > MAX_HOST_LENGTH:
+        raise ValueError(f"is longer than {MAX_HOST_LENGTH} characters")
+    ascii_host = _ascii_host(host)
+    if _is_ip_literal(ascii_host):
+        return True
+    if not all(
+        _HOST_LABEL.match(label) and len(label) <= MAX_LABEL_LENGTH
+        for label in ascii_host.split(".")
+    ):
+        raise ValueError(f"{host!r} is not a valid host name")
+    return False
+
+
 @functools.lru_cache(maxsize=4096)
 def _ascii_host(host: str) -> str:
     """The name to connect to: an IP literal as is, a DNS name as its IDNA (A-label) form."""
@@ -128,6 +149,7 @@ class SessionRequest(BaseModel):
     retries: int = Field(default=DEFAULT_RETRIES, ge=0, le=MAX_RETRIES)
     credentials: str | None = None
     ehlo_name: str | None = None
+    tls_name: str | None = None
     target: str | None = None
     transcript: bool = False
     mail_from: str | None = None
@@ -155,6 +177,16 @@ class SessionRequest(BaseModel):
             except ValueError as exc:
                 raise ValueError(f"#{index + 1}: {exc}") from None
         return addresses
+
+    @field_validator("tls_name")
+    @classmethod
+    def _check_tls_name(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        # An IP literal verifies as `host` already; and SNI carries no address (RFC 6066 §3).
+        if _check_host_name(name):
+            raise ValueError("must be a DNS name, not an IP address (give the address as host)")
+        return name
 
     @field_validator("ca_pem")
     @classmethod
@@ -194,6 +226,12 @@ class SessionRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _tls_name_needs_tls(self) -> SessionRequest:
+        if self.tls_name is not None and self.security == "plain":
+            raise ValueError("tls_name is not used with security plain (no TLS)")
+        return self
+
+    @model_validator(mode="after")
     def _ca_file_needs_portable_trust(self) -> SessionRequest:
         for name in ("ca_file", "ca_pem"):
             if getattr(self, name) is not None and self.trust == "native":
@@ -207,8 +245,13 @@ class SessionRequest(BaseModel):
 
     @property
     def connect_host(self) -> str:
-        """The host as it goes on the wire and into TLS server-name checks."""
+        """The host as it is resolved and connected to (and named in TLS, without tls_name)."""
         return _ascii_host(self.host)
+
+    @property
+    def tls_server_name(self) -> str:
+        """The name sent in SNI and that the certificate must name: tls_name, else the host."""
+        return _ascii_host(self.tls_name) if self.tls_name is not None else self.connect_host
 
     @property
     def effective_port(self) -> int:

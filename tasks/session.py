@@ -30,11 +30,13 @@ from aiosmtplib.auth import auth_xoauth2_encode
 
 from smtp_session.tasks.classify import (
     CERT_HAS_EXPIRED,
+    CLIENT_CERTIFICATE_REQUIRED,
     STAGE_ACTIVITY,
     Failure,
     classify,
     quote_reply,
 )
+from smtp_session.tasks.client_auth import asked_for_certificate
 from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
 from smtp_session.tasks.envelope import (
     Envelope,
@@ -47,13 +49,13 @@ from smtp_session.tasks.errors import ErrorCategory, InvalidRequest, SessionFail
 from smtp_session.tasks.oauth import TOKENS
 from smtp_session.tasks.observe import DEFAULT_OBSERVERS, SessionObserver, report
 from smtp_session.tasks.outcome import CertInfo, Outcome, ServerInfo, Timings, TlsInfo
+from smtp_session.tasks.probe import PROBE_SECONDS, PortEvidence, Speaks, probe
 from smtp_session.tasks.provider_replies import (
     describe_xoauth2_challenge,
     is_rate_limited,
     reply_hint,
 )
 from smtp_session.tasks.request import (
-    IMPLICIT_TLS_PORT,
     MAX_HOST_LENGTH,
     SessionRequest,
     parse_request,
@@ -141,6 +143,21 @@ def utc_now() -> str:
     return utc_iso(time.time())
 
 
+class _Client(SMTPClient):
+    """aiosmtplib's client, keeping the TLS object of its connection when it closes.
+
+    aiosmtplib drops the transport as soon as the server closes the connection, before
+    the failure is classified; what the handshake showed is still needed then.
+    """
+
+    tls: ssl.SSLObject | None = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.tls = self.transport.get_extra_info("ssl_object") or self.tls
+        super().close()
+
+
 class _Connection:
     """One TCP connection in one trust mode: resolve → connect → … → QUIT."""
 
@@ -182,7 +199,9 @@ class _Connection:
         self.deadline = 0.0
         self._loop = asyncio.get_running_loop()
         self._stage_started = 0.0
-        self._smtp: SMTPClient | None = None
+        self.evidence: PortEvidence | None = None  # what the port speaks, if it was probed
+        self._connect_started = 0.0  # when connect_timeout's budget began
+        self._smtp: _Client | None = None
 
     def remaining(self) -> float:
         return self.deadline - self._loop.time()
@@ -215,6 +234,11 @@ class _Connection:
                 f"{self.request.effective_port}",
                 credentials=self.credentials,
             )
+            if self._refused_without_certificate(failure):
+                message = (
+                    f"{CLIENT_CERTIFICATE_REQUIRED} (it asked for one, then closed the connection)"
+                )
+                failure = Failure(ErrorCategory.TLS_HANDSHAKE, message, failure.stage)
             if self.transcript is not None and self.stage in (Stage.TLS, Stage.STARTTLS):
                 self.transcript.tls(f"handshake failed ({self.trust} trust): {failure.message}")
             if failure.category is ErrorCategory.INTERNAL:
@@ -233,19 +257,32 @@ class _Connection:
                 self._smtp.close()
         return None
 
+    def _refused_without_certificate(self, failure: Failure) -> bool:
+        """The server asked for a client certificate in the handshake (we present none) and
+        closed the connection before its first reply over TLS: the greeting with implicit
+        TLS, the EHLO reply after STARTTLS. With TLS 1.3 that is where its refusal lands."""
+        first_reply = (Stage.TLS, Stage.BANNER) if self.implicit_tls else (Stage.EHLO,)
+        lost = (ErrorCategory.REFUSED, ErrorCategory.DISCONNECTED)
+        if self._smtp is None or failure.stage not in first_reply or failure.category not in lost:
+            return False
+        self._smtp.close()  # keeps the TLS object, if aiosmtplib has not closed it already
+        return asked_for_certificate(self._smtp.tls)
+
     def _timed_out(self) -> Failure:
         """A timeout, naming the budget that ran out: the attempt's, or the stage's."""
         now, request, activity = self._loop.time(), self.request, STAGE_ACTIVITY[self.stage]
+        if self.implicit_tls and self.stage is Stage.BANNER:
+            activity += " after the TLS handshake"
         if now >= self.deadline - DEADLINE_SLACK or self.stage is Stage.RESOLVE:
             message = f"attempt deadline (timeout) of {request.timeout:g} s reached {activity}"
         else:
-            name, budget = (
-                ("connect_timeout", request.effective_connect_timeout)
+            # connect_timeout is one budget for connect, TLS and greeting: all of it ran out.
+            name, budget, since = (
+                ("connect_timeout", request.effective_connect_timeout, self._connect_started)
                 if self.stage in CONNECT_STAGES
-                else ("command_timeout", request.effective_command_timeout)
+                else ("command_timeout", request.effective_command_timeout, self._stage_started)
             )
-            waited = now - self._stage_started
-            message = f"timed out after {waited:.1f} s {activity} ({name} of {budget:g} s)"
+            message = f"timed out after {now - since:.1f} s {activity} ({name} of {budget:g} s)"
         return Failure(ErrorCategory.TIMEOUT, message, self.stage)
 
     async def _bounded(self, stage: Stage, step: Awaitable[_T], seconds: float) -> _T:
@@ -277,15 +314,18 @@ class _Connection:
     async def _converse(self, addresses: list[AddressInfo], context: ssl.SSLContext | None) -> None:
         """From the TCP connection to QUIT."""
         request = self.request
-        connect_deadline = self._loop.time() + request.effective_connect_timeout
+        self._connect_started = self._loop.time()
+        connect_deadline = self._connect_started + request.effective_connect_timeout
         tried: list[str] = []
         try:
             sock = await connect_first(addresses, connect_deadline, tried)
         finally:
             self.address = tried[-1] if tried else None
         self.ehlo_name = self.ehlo_name or address_literal(sock.getsockname()[0])
-        smtp = self._smtp = SMTPClient(
-            hostname=request.connect_host,
+        smtp = self._smtp = _Client(
+            # The name for SNI and verification, in both modes (STARTTLS defaults to it);
+            # the connection itself goes to the address resolved from `host`.
+            hostname=request.tls_server_name,
             sock=sock,
             use_tls=self.implicit_tls,
             start_tls=False,
@@ -408,17 +448,29 @@ class _Connection:
         # aiosmtplib runs the implicit TLS handshake and reads the greeting in one call;
         # whether it hung in the handshake or in the greeting is told apart by whether
         # the transport was handed over (smtp.protocol is set once the handshake is done).
+        # Without implicit TLS, the last stretch of the wait is shared with a probe: a port
+        # that answers a ClientHello will never greet in plaintext.
         self._enter(Stage.TLS if self.implicit_tls else Stage.BANNER)
+        deadline = min(connect_deadline, self.deadline)
         greeting = asyncio.ensure_future(smtp.connect())
+        probing = None if self.implicit_tls else asyncio.ensure_future(self._probe_late(deadline))
+        answered = False
         try:
-            done, _ = await asyncio.wait({greeting}, timeout=connect_deadline - self._loop.time())
+            done, _ = await asyncio.wait({greeting}, timeout=deadline - self._loop.time())
+            answered = bool(done)
         finally:
             if not greeting.done():
                 if self.implicit_tls and smtp.protocol is not None:
                     self._enter(Stage.BANNER)
                 greeting.cancel()
                 await asyncio.gather(greeting, return_exceptions=True)
-        if not done:
+            if probing is not None:
+                # Done by now unless a greeting came or the attempt was cancelled from outside.
+                probing.cancel()
+                await asyncio.gather(probing, return_exceptions=True)
+                if not answered and not probing.cancelled():
+                    self.evidence = probing.result()
+        if not answered:
             raise TimeoutError
         try:
             return greeting.result()
@@ -426,6 +478,22 @@ class _Connection:
             if self.transcript is not None:
                 self.transcript.received(exc.code, exc.message)
             raise
+
+    async def _probe_late(self, deadline: float) -> PortEvidence | None:
+        """Whether the port answers a ClientHello, asked on a second connection opened only
+        if no greeting has come PROBE_SECONDS (or half the wait) before `deadline`."""
+        window = min(PROBE_SECONDS, (deadline - self._loop.time()) / 2)
+        await asyncio.sleep(deadline - window - self._loop.time())
+        if self.address is None:
+            return None
+        # Ends just before the deadline: when the attempt's own deadline ends the wait, the
+        # evidence is in already (timers that fire together run in the order they are due).
+        return await probe(
+            self.address,
+            self.request.effective_port,
+            seconds=deadline - DEADLINE_SLACK - self._loop.time(),
+            server_name=self.request.tls_server_name,
+        )
 
     def _record_tls(self, smtp: SMTP) -> None:
         ssl_object = smtp.get_transport_info("ssl_object")
@@ -530,7 +598,6 @@ def _explain(
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
     message, hint = failure.message, failure.hint
-    security, port = request.effective_security, request.effective_port
     if failure.category is ErrorCategory.TLS_EXPIRED and cert is not None:
         message = (
             f"certificate has expired (notAfter {cert.not_after[:10]})"
@@ -539,7 +606,7 @@ def _explain(
         )
     elif failure.category is ErrorCategory.TLS_HOSTNAME:
         names = ", ".join(cert.sans) if cert is not None and cert.sans else "none"
-        message = f"certificate is not valid for {request.connect_host} (it names: {names})"
+        message = f"certificate is not valid for {request.tls_server_name} (it names: {names})"
     elif failure.category is ErrorCategory.TLS_UNTRUSTED:
         if both_modes:
             message += " (native and portable trust)"
@@ -548,22 +615,28 @@ def _explain(
             if request.trust != "native"
             else "try trust=auto, or trust=portable with the issuing CA in ca_file"
         )
-    elif (
-        failure.category is ErrorCategory.TIMEOUT
-        and failure.stage is Stage.BANNER
-        and port == IMPLICIT_TLS_PORT
-        and security != "tls"
-    ):
-        hint = "port 465 usually expects implicit TLS: try security=tls"
-    elif (
-        failure.category is ErrorCategory.TLS_HANDSHAKE
-        and security == "tls"
-        and port != IMPLICIT_TLS_PORT
-    ):
-        hint = f"port {port} usually expects STARTTLS: try security=starttls"
     elif failure.category is ErrorCategory.STARTTLS_UNAVAILABLE:
         hint = "if the server has an implicit TLS port (usually 465), try security=tls there"
     return message, hint
+
+
+def _mode_hint(evidence: PortEvidence | None, request: SessionRequest) -> str | None:
+    """The other mode, when the port itself showed that it speaks that one (tasks/probe.py).
+
+    Only the port's own bytes justify it: a port number does not, nor does a TLS alert
+    (which says the port speaks TLS, only not with us).
+    """
+    port, security = request.effective_port, request.effective_security
+    if evidence is None:
+        return None
+    if evidence.speaks is Speaks.TLS and security != "tls":
+        return (
+            f"port {port} speaks TLS from the first byte (it answered a TLS ClientHello "
+            "and sent no greeting): try security=tls"
+        )
+    if evidence.speaks is Speaks.SMTP and security == "tls":
+        return f'port {port} greets in plaintext ("{evidence.line}"): try security=starttls'
+    return None
 
 
 def _preferred_mode(request: SessionRequest) -> TrustMode:
@@ -648,11 +721,22 @@ async def run_attempt(
         cert = await fetch_unverified_certificate(
             address=connection.address,
             port=request.effective_port,
-            server_hostname=request.connect_host,
+            server_hostname=request.tls_server_name,
             implicit_tls=connection.implicit_tls,
             local_hostname=connection.ehlo_name,
             seconds=connection.remaining(),
         )
+    evidence = connection.evidence
+    read_no_tls = failure is not None and failure.peer_not_tls and failure.stage is Stage.TLS
+    if read_no_tls and connection.address:
+        # The implicit TLS handshake read no TLS: does the port greet in plaintext, unasked?
+        evidence = await probe(
+            connection.address,
+            request.effective_port,
+            seconds=min(PROBE_SECONDS, connection.remaining()),
+        )
+    # The port speaks the other mode: no attempt in this one can succeed.
+    wrong_mode = _mode_hint(evidence, request) if failure is not None else None
     message, hint = ("", None)
     if failure is not None:
         message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
@@ -663,8 +747,8 @@ async def run_attempt(
         err_message=message,
         error=failure.category if failure else None,
         stage=failure.stage if failure else Stage.DONE,
-        retryable=failure.is_retryable if failure else False,
-        hint=hint,
+        retryable=(failure.is_retryable and wrong_mode is None) if failure else False,
+        hint=wrong_mode or hint,
         smtp_code=failure.smtp_code if failure else None,
         smtp_enhanced=failure.smtp_enhanced if failure else None,
         host=request.host,

@@ -20,6 +20,7 @@ from aiosmtplib.typing import Default
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
+from smtp_session.tasks.client_auth import watch
 from smtp_session.tasks.outcome import CertInfo
 from smtp_session.tasks.resolve import connect_first, literal_address
 from smtp_session.tasks.transcript import Transcript
@@ -105,11 +106,11 @@ def ca_file_problem(exc: OSError | ValueError | ssl.SSLError) -> str:
 @functools.lru_cache(maxsize=64)
 def _cached_context(mode: TrustMode, ca_pems: tuple[str, ...], _version: object) -> ssl.SSLContext:
     if mode == "native":
-        return _harden(_native_context())
+        return watch(_harden(_native_context()))
     context = ssl.create_default_context(cafile=certifi.where())
     for pem in ca_pems:
         context.load_verify_locations(cadata=pem)  # in memory: never written to disk
-    return _harden(context)
+    return watch(_harden(context))
 
 
 def forget_contexts() -> None:

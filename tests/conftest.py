@@ -106,9 +106,9 @@ async def smtp_server(smtp_server_factory: SmtpServerFactory) -> SmtpServer:
 
 
 @pytest.fixture
-async def raw_server_factory() -> AsyncIterator[RawServerFactory]:
+async def raw_server_factory(good_cert: trustme.LeafCert) -> AsyncIterator[RawServerFactory]:
     """``await raw_server_factory("banner_421")`` starts a RawServer with that fault."""
-    factory = RawServerFactory()
+    factory = RawServerFactory(good_cert)
     yield factory
     await factory.aclose()
 

@@ -29,12 +29,14 @@ import abc
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime
 import json
 import socket
 import ssl
 import struct
 import threading
+import warnings
 from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -90,6 +92,9 @@ RawBehaviour = Literal[
     "reset_on_connect",
     "held_session",
     "held_then_silent",
+    "tls_silent",
+    "tls_alert_unrecognized_name",
+    "tls_alert_protocol_version",
 ]
 RAW_BEHAVIOURS: tuple[RawBehaviour, ...] = get_args(RawBehaviour)
 
@@ -536,10 +541,15 @@ class SmtpServer(_LoopbackServer):
     ``replies`` maps ``EHLO``, ``HELO``, ``AUTH``, ``MAIL``, ``RCPT`` or ``DATA`` (its
     end) to the reply sent to every such
     command instead of the server's own (lines joined by CRLF): a provider's refusal.
+    ``client_cert_required``: the TLS handshake asks for a client certificate and the
+    server refuses the connection without one; with TLS 1.3 the client's handshake
+    completes first, and the connection then ends at its next read (no alert: asyncio's
+    server side drops it).
 
     Records ``commands`` (every command line, in order, over all connections),
     ``auth_attempts``, ``connections_accepted``, ``tls_handshakes_completed``,
-    ``tls_handshake_failures`` and unexpected handler ``errors``.
+    ``tls_handshake_failures``, the SNI name of each TLS handshake (``server_names``, None
+    where the client sent none) and unexpected handler ``errors``.
     """
 
     def __init__(
@@ -552,6 +562,7 @@ class SmtpServer(_LoopbackServer):
         starttls_offered: bool | None = None,
         require_starttls: bool | None = None,
         auth_require_tls: bool | None = None,
+        client_cert_required: bool = False,
         hostname: str = SERVER_HOSTNAME,
         greeting_delay: float = 0.0,
         replies: Mapping[str, str] | None = None,
@@ -597,8 +608,19 @@ class SmtpServer(_LoopbackServer):
             self._excluded_mechanisms += ["PLAIN", "LOGIN"]
         if self.oauth_tokens is None:
             self._excluded_mechanisms.append("XOAUTH2")
+        self.server_names: list[str | None] = []
         self._ssl_context = server_ssl_context(cert) if cert is not None else None
+        if self._ssl_context is not None:
+            self._ssl_context.sni_callback = self._record_server_name
+            if client_cert_required:
+                # No CA to check one against: whatever a client presents, or not, is refused.
+                self._ssl_context.verify_mode = ssl.CERT_REQUIRED
         self._handler = _Handler(self)
+
+    def _record_server_name(
+        self, _tls: ssl.SSLObject, name: str | None, _context: ssl.SSLContext
+    ) -> None:
+        self.server_names.append(name)
 
     @property
     def advertises_auth(self) -> bool:
@@ -764,6 +786,72 @@ _BEHAVIOURS: dict[RawBehaviour, Behaviour] = {
 }
 
 
+async def _tls_then_silence(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext
+) -> None:
+    """The server side of a TLS handshake, then silence until the client leaves.
+
+    Through memory BIOs, so that a failed handshake sends its alert before the connection
+    closes, as an OpenSSL-based MTA does: asyncio's own server-side TLS drops it. After
+    the handshake, what the client sends is read and dropped, and its close_notify is
+    answered with one.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=True)
+    while True:
+        try:
+            tls.do_handshake()  # once complete, a no-op
+            while tls.read(_READ_SIZE):
+                pass  # dropped
+        except ssl.SSLWantReadError:
+            writer.write(outgoing.read())
+            await writer.drain()
+            data = await reader.read(_READ_SIZE)
+            if not data:
+                return
+            incoming.write(data)
+            continue
+        except ssl.SSLError:
+            pass  # the handshake failed: its alert is what is left to send
+        else:  # read() gave b"": the client's close_notify, answered with ours
+            with contextlib.suppress(ssl.SSLError):
+                tls.unwrap()
+        writer.write(outgoing.read())
+        await writer.drain()
+        return
+
+
+def _unrecognized_name_context(_cert: trustme.LeafCert | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # Whatever name the client asks for, or none: not a name of this server's.
+    context.sni_callback = lambda *_: ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+    return context
+
+
+def _old_protocol_context(_cert: trustme.LeafCert | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with warnings.catch_warnings():  # a server stuck at TLS 1.0/1.1 is the fault itself
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 allows them at level 0 only
+    return context
+
+
+def _certificate_context(cert: trustme.LeafCert | None) -> ssl.SSLContext:
+    if cert is None:
+        raise ValueError("a TLS server that completes its handshake needs a cert")
+    return server_ssl_context(cert)
+
+
+#: The TLS faults: how each builds its server context (the alerts need no certificate).
+_TLS_CONTEXTS: dict[RawBehaviour, Callable[[trustme.LeafCert | None], ssl.SSLContext]] = {
+    "tls_silent": _certificate_context,
+    "tls_alert_unrecognized_name": _unrecognized_name_context,
+    "tls_alert_protocol_version": _old_protocol_context,
+}
+
+
 class RawServer(_LoopbackServer):
     """A misbehaving TCP server on 127.0.0.1, port 0; ``behaviour`` picks the fault.
 
@@ -780,13 +868,23 @@ class RawServer(_LoopbackServer):
     * ``held_session``: greets after :data:`HELD_SESSION_SECONDS`, then answers every
       command with 250 and QUIT with 221: a whole session that takes that long.
     * ``held_then_silent``: greets after :data:`HELD_SESSION_SECONDS`, then answers nothing.
+
+    Implicit TLS faults (the alerts are sent, as OpenSSL-based servers send them):
+
+    * ``tls_silent``: completes the TLS handshake with ``cert``, then never greets.
+    * ``tls_alert_unrecognized_name``: answers the ClientHello with the fatal alert
+      unrecognized_name, whatever name was asked for, then closes.
+    * ``tls_alert_protocol_version``: speaks TLS 1.0 and 1.1 only, so it answers a TLS
+      1.2+ ClientHello with the alert protocol_version, then closes.
     """
 
-    def __init__(self, behaviour: RawBehaviour) -> None:
+    def __init__(self, behaviour: RawBehaviour, *, cert: trustme.LeafCert | None = None) -> None:
         super().__init__()
-        if behaviour not in _BEHAVIOURS:
+        if behaviour not in _BEHAVIOURS and behaviour not in _TLS_CONTEXTS:
             raise ValueError(f"behaviour must be one of {RAW_BEHAVIOURS}, not {behaviour!r}")
         self.behaviour: RawBehaviour = behaviour
+        make_context = _TLS_CONTEXTS.get(behaviour)
+        self._tls_context = make_context(cert) if make_context is not None else None
 
     async def start(self) -> None:
         """Listen on 127.0.0.1 at a fresh port (``self.port``)."""
@@ -798,7 +896,10 @@ class RawServer(_LoopbackServer):
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await _BEHAVIOURS[self.behaviour](reader, writer)
+            if self._tls_context is not None:
+                await _tls_then_silence(reader, writer, self._tls_context)
+            else:
+                await _BEHAVIOURS[self.behaviour](reader, writer)
         except OSError:  # the client went away mid-fault: the fault is over
             pass
         finally:
@@ -849,6 +950,7 @@ class SmtpServerFactory:
         oauth_error: Mapping[str, str] | None = None,
         refuse: Mapping[str, str] | None = None,
         smtputf8: bool = False,
+        client_cert_required: bool = False,
     ) -> SmtpServer:
         """A started server; ``cert`` defaults to ``good_cert``."""
         server = SmtpServer(
@@ -864,6 +966,7 @@ class SmtpServerFactory:
             oauth_error=oauth_error,
             refuse=refuse,
             smtputf8=smtputf8,
+            client_cert_required=client_cert_required,
         )
         await server.start()
         self._servers.append(server)
@@ -878,12 +981,13 @@ class SmtpServerFactory:
 class RawServerFactory:
     """Starts :class:`RawServer` instances on demand and stops them all in ``aclose``."""
 
-    def __init__(self) -> None:
+    def __init__(self, default_cert: trustme.LeafCert) -> None:
+        self._default_cert = default_cert
         self._servers: list[RawServer] = []
 
     async def __call__(self, behaviour: RawBehaviour) -> RawServer:
-        """A started server with the fault ``behaviour``."""
-        server = RawServer(behaviour)
+        """A started server with the fault ``behaviour`` (a TLS one presents ``good_cert``)."""
+        server = RawServer(behaviour, cert=self._default_cert)
         await server.start()
         self._servers.append(server)
         return server

@@ -215,6 +215,12 @@ def request_options(command: _F) -> _F:
         ),
         click.option("--credentials", help="Name of a secret (never the secret itself)."),
         click.option("--ehlo-name", help="Name to send in EHLO.", show_default="this host's name"),
+        click.option(
+            "--tls-name",
+            help="Name for SNI and certificate verification, when HOST is an IP address or "
+            "a load balancer (the connection still goes to HOST).",
+            show_default="HOST",
+        ),
         click.option("--target", help="Target name for metrics and logs."),
         click.option(
             "--transcript",

@@ -20,8 +20,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.cli import cli_env, finish_cli, log_events, run_cli, start_cli
 from tests.servers import (
     LOOPBACK,
+    WRONG_HOST,
     RawServerFactory,
     SmtpServer,
+    SmtpServerFactory,
     leaf_certificate,
 )
 
@@ -100,6 +102,30 @@ async def test_json_is_one_document_and_verbose_logs_go_to_stderr(
     assert "session." not in run.stdout
 
 
+async def test_tls_name_verifies_a_server_reached_by_its_address(
+    smtp_server_factory: SmtpServerFactory,
+    wrong_host_cert: trustme.LeafCert,
+    ca_pem_path: str,
+    tmp_path: Path,
+) -> None:
+    server = await smtp_server_factory(mode="starttls", cert=wrong_host_cert)
+    run = await run_cli(
+        "check",
+        f"{server.host}:{server.port}",
+        "--ca-file",
+        ca_pem_path,
+        "--tls-name",
+        WRONG_HOST,
+        "--json",
+        *EHLO,
+        env=cli_env(tmp_path),
+    )
+
+    assert run.code == EXIT_OK, run
+    assert run.json()["host"] == LOOPBACK
+    assert server.server_names == [WRONG_HOST]
+
+
 # ----------------------------------------------------------------------------- failures
 
 
@@ -140,9 +166,10 @@ async def test_silent_server_times_out_at_the_banner(
     assert outcome["err_message"] == (
         "attempt deadline (timeout) of 1 s reached while waiting for the server greeting"
     )
+    assert outcome["hint"] is None  # no greeting, but no answer to TLS either
     # One attempt of 1 s, plus interpreter start-up: not the 10 s default.
     assert run.elapsed < 8.0
-    assert server.connections_accepted == 1
+    assert server.connections_accepted == 2  # the session, and the probe for TLS
 
 
 async def test_bracketed_ipv6_address_reaches_the_network(

@@ -406,6 +406,55 @@ async def test_held_then_silent(raw_server_factory: RawServerFactory) -> None:
     await server.wait_idle()
 
 
+async def test_tls_silent_completes_the_handshake_then_says_nothing(
+    raw_server_factory: RawServerFactory, ca: trustme.CA
+) -> None:
+    server = await raw_server_factory("tls_silent")
+    reader, writer = await asyncio.open_connection(
+        *server.address, ssl=client_ssl_context(ca), server_hostname=LOOPBACK
+    )
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.read(1), QUIET_PERIOD)
+    await close(writer)
+    await server.wait_idle()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        ("tls_alert_unrecognized_name", "TLSV1_UNRECOGNIZED_NAME"),
+        ("tls_alert_protocol_version", "TLSV1_ALERT_PROTOCOL_VERSION"),
+    ],
+)
+async def test_tls_alerts_reach_the_client(
+    raw_server_factory: RawServerFactory, ca: trustme.CA, behaviour: RawBehaviour, reason: str
+) -> None:
+    server = await raw_server_factory(behaviour)
+    with pytest.raises(ssl.SSLError) as caught:
+        await asyncio.wait_for(
+            asyncio.open_connection(
+                *server.address, ssl=client_ssl_context(ca), server_hostname="mx.example"
+            ),
+            READ_TIMEOUT,
+        )
+    assert caught.value.reason == reason
+    await server.wait_idle()
+
+
+async def test_client_cert_required_ends_the_session_after_the_handshake(
+    smtp_server_factory: SmtpServerFactory, ca: trustme.CA
+) -> None:
+    server = await smtp_server_factory(mode="starttls", client_cert_required=True)
+    client = smtp_client(server, ca, start_tls=False)
+    await client.connect()
+    await client.starttls()  # TLS 1.3: complete on the client's side
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+        await client.ehlo()
+    assert server.tls_handshakes_completed == 0
+    assert server.server_names == [None]  # an address: no SNI
+    client.close()
+
+
 async def test_refused_port(refused_port: tuple[str, int]) -> None:
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(*refused_port)

@@ -18,7 +18,9 @@ from tests.servers import (
     HELD_SESSION_SECONDS,
     LOOPBACK,
     WRONG_HOST,
+    RawBehaviour,
     RawServerFactory,
+    SmtpMode,
     SmtpServerFactory,
 )
 
@@ -249,21 +251,142 @@ async def test_wrong_host_name(
     )
 
 
-async def test_implicit_tls_against_a_plaintext_port(
+@pytest.mark.parametrize("trust", ["native", "portable"])
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+async def test_tls_name_is_the_name_sent_and_verified_when_host_is_an_address(
+    smtp_server_factory: SmtpServerFactory,
+    wrong_host_cert: trustme.LeafCert,
+    ca_pem_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: SmtpMode,
+    trust: str,
+) -> None:
+    # The certificate names other.example only: host 127.0.0.1 alone fails tls_hostname.
+    server = await smtp_server_factory(mode=mode, cert=wrong_host_cert)
+    if trust == "native":
+        monkeypatch.setenv("SSL_CERT_FILE", ca_pem_path)  # the system's store knows the CA
+        ca: dict[str, str] = {}
+    else:
+        ca = {"ca_file": ca_pem_path}
+    outcome = await session(server.port, security=mode, trust=trust, tls_name=WRONG_HOST, **ca)
+    assert outcome.ok, outcome.err_message
+    assert outcome.tls is not None
+    assert (outcome.tls.trust, outcome.tls.verified) == (trust, True)
+    assert (outcome.host, outcome.address) == (LOOPBACK, LOOPBACK)  # connected to the host
+    assert server.server_names == [WRONG_HOST]
+
+
+async def test_tls_name_is_also_the_report_only_fetchs_name(
+    smtp_server_factory: SmtpServerFactory, wrong_host_cert: trustme.LeafCert, ca_pem_path: str
+) -> None:
+    server = await smtp_server_factory(mode="starttls", cert=wrong_host_cert)
+    outcome = await session(
+        server.port, trust="portable", ca_file=ca_pem_path, tls_name="mail.example"
+    )
+    assert outcome.error == "tls_hostname"
+    assert outcome.err_message == (
+        f"certificate is not valid for mail.example (it names: {WRONG_HOST})"
+    )
+    assert outcome.tls is not None
+    assert outcome.tls.cert is not None
+    # The verified try and the report-only certificate fetch, both asking for the same name.
+    assert server.server_names == ["mail.example", "mail.example"]
+
+
+@pytest.mark.parametrize(("mode", "stage"), [("starttls", "ehlo"), ("tls", "tls")])
+async def test_a_server_requiring_a_client_certificate_is_told_and_not_retried(
+    smtp_server_factory: SmtpServerFactory, ca_pem_path: str, mode: SmtpMode, stage: str
+) -> None:
+    # TLS 1.3: the handshake completes on our side, then the server closes without a word.
+    server = await smtp_server_factory(mode=mode, client_cert_required=True)
+    outcome = await session(server.port, security=mode, ca_file=ca_pem_path, retries=2)
+    assert (outcome.error, outcome.stage) == ("tls_handshake", stage)
+    assert (outcome.retryable, outcome.attempts) == (False, 1)
+    assert outcome.err_message == (
+        "TLS handshake failed: server requires a client certificate, and this client "
+        "presents none (it asked for one, then closed the connection)"
+    )
+    assert server.connections_accepted == 1
+
+
+# ----------------------------------------------------------------------------- wrong mode
+
+
+async def test_implicit_tls_against_a_plaintext_port_quotes_its_greeting(
     smtp_server_factory: SmtpServerFactory,
 ) -> None:
     server = await smtp_server_factory(mode="plain")
     outcome = await session(server.port, security="tls", retries=2)
     assert (outcome.error, outcome.stage, outcome.attempts) == ("tls_handshake", "tls", 1)
-    assert outcome.hint == f"port {server.port} usually expects STARTTLS: try security=starttls"
+    assert outcome.err_message == "TLS handshake failed: wrong version number"
+    # The evidence: a second connection that sends nothing reads a plaintext greeting.
+    assert outcome.hint == (
+        f'port {server.port} greets in plaintext ("220 localhost Python SMTP 1.4.6"): '
+        "try security=starttls"
+    )
+    assert server.connections_accepted == 2
 
 
-async def test_starttls_against_an_implicit_tls_port_times_out_at_the_greeting(
-    smtp_server_factory: SmtpServerFactory,
+@pytest.mark.parametrize("security", ["starttls", "plain"])
+async def test_no_greeting_from_an_implicit_tls_port_is_told_within_the_deadline_once(
+    smtp_server_factory: SmtpServerFactory, security: str
 ) -> None:
     server = await smtp_server_factory(mode="tls")
-    outcome = await session(server.port, security="starttls", timeout=0.5, retries=0)
+    started = time.monotonic()
+    outcome = await session(server.port, security=security, timeout=1.0, retries=2)
+    elapsed = time.monotonic() - started
     assert (outcome.error, outcome.stage) == ("timeout", "banner")
+    assert outcome.err_message == (
+        "attempt deadline (timeout) of 1 s reached while waiting for the server greeting"
+    )
+    assert outcome.hint == (
+        f"port {server.port} speaks TLS from the first byte (it answered a TLS ClientHello "
+        "and sent no greeting): try security=tls"
+    )
+    # What cannot succeed in this mode is not tried again: one attempt, one deadline.
+    assert (outcome.retryable, outcome.attempts) == (False, 1)
+    assert elapsed < 1.5
+    assert server.connections_accepted == 2  # the session's, and the probe's
+
+
+async def test_a_silent_port_gets_no_mode_hint_and_is_retried(
+    raw_server_factory: RawServerFactory,
+) -> None:
+    server = await raw_server_factory("silent")  # nor a greeting, nor an answer to TLS
+    outcome = await session(server.port, timeout=0.4, retries=1)
+    assert (outcome.error, outcome.stage, outcome.hint) == ("timeout", "banner", None)
+    assert (outcome.retryable, outcome.attempts) == (True, 2)
+    assert server.connections_accepted == 4  # each attempt probed
+
+
+async def test_a_greeting_in_the_last_stretch_cancels_the_probe(
+    raw_server_factory: RawServerFactory,
+) -> None:
+    # Greets after HELD_SESSION_SECONDS; the probe starts half the budget before the end.
+    server = await raw_server_factory("held_session")
+    outcome = await session(server.port, security="plain", timeout=1.6 * HELD_SESSION_SECONDS)
+    assert outcome.ok, outcome.err_message
+    assert outcome.hint is None
+    assert server.connections_accepted == 2  # the probe had begun
+    await server.wait_idle()  # and its connection is closed too
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "message"),
+    [
+        ("tls_alert_unrecognized_name", "TLS handshake failed: tlsv1 unrecognized name"),
+        ("tls_alert_protocol_version", "TLS handshake failed: tlsv1 alert protocol version"),
+    ],
+)
+async def test_a_tls_alert_is_no_evidence_of_a_plaintext_port(
+    raw_server_factory: RawServerFactory, behaviour: RawBehaviour, message: str
+) -> None:
+    server = await raw_server_factory(behaviour)
+    outcome = await session(server.port, security="tls", tls_name="mx.example", retries=2)
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("tls_handshake", "tls", 1)
+    assert outcome.err_message == message
+    assert outcome.hint is None  # the port speaks TLS: "try security=starttls" would be wrong
+    assert server.connections_accepted == 1  # a TLS answer is no reason to probe
 
 
 # ----------------------------------------------------------------------------- SMTP failures
@@ -378,6 +501,33 @@ async def test_silent_server_with_implicit_tls_times_out_in_the_handshake(
     assert outcome.err_message == (
         "timed out after 0.3 s in the TLS handshake (connect_timeout of 0.3 s)"
     )
+
+
+@pytest.mark.parametrize(
+    ("budgets", "message"),
+    [
+        (
+            {"timeout": 5.0, "connect_timeout": 0.5},
+            "timed out after 0.5 s while waiting for the server greeting after the TLS "
+            "handshake (connect_timeout of 0.5 s)",
+        ),
+        (
+            {"timeout": 0.5},
+            "attempt deadline (timeout) of 0.5 s reached while waiting for the server "
+            "greeting after the TLS handshake",
+        ),
+    ],
+)
+async def test_implicit_tls_without_a_greeting_names_the_whole_wait(
+    raw_server_factory: RawServerFactory,
+    ca_pem_path: str,
+    budgets: dict[str, Any],
+    message: str,
+) -> None:
+    server = await raw_server_factory("tls_silent")  # the handshake completes, then nothing
+    outcome = await session(server.port, security="tls", ca_file=ca_pem_path, retries=0, **budgets)
+    assert (outcome.error, outcome.stage) == ("timeout", "banner")
+    assert outcome.err_message == message
 
 
 async def test_slow_drip_costs_at_most_the_timeout(raw_server_factory: RawServerFactory) -> None:

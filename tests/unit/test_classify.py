@@ -16,7 +16,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from smtp_session.tasks.classify import MAX_QUOTED_REPLY, classify, quote_reply
+from smtp_session.tasks.classify import MAX_QUOTED_REPLY, NOT_TLS_REASONS, classify, quote_reply
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
 
 
@@ -69,6 +69,29 @@ def test_a_connect_error_is_not_a_tls_error_by_class_alone() -> None:
         ErrorCategory.REFUSED,
         "connection refused by 192.0.2.1 port 587",
     )
+
+
+@pytest.mark.parametrize(
+    ("reason", "not_tls"),
+    [
+        *((reason, True) for reason in sorted(NOT_TLS_REASONS)),
+        ("TLSV1_ALERT_PROTOCOL_VERSION", False),
+        ("TLSV1_UNRECOGNIZED_NAME", False),
+        ("SSLV3_ALERT_HANDSHAKE_FAILURE", False),
+        ("UNSUPPORTED_PROTOCOL", False),
+    ],
+)
+def test_a_handshake_that_read_no_tls_is_marked(reason: str, not_tls: bool) -> None:
+    error = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    error.reason = reason
+    failure = classify(
+        _wrapped(SMTPConnectError("Error connecting"), error),
+        Stage.TLS,
+        host="smtp.example.com",
+        endpoint="192.0.2.1 port 587",
+    )
+    assert failure.category is ErrorCategory.TLS_HANDSHAKE
+    assert failure.peer_not_tls is not_tls
 
 
 def test_other_ssl_errors_are_handshake_failures() -> None:
@@ -206,3 +229,18 @@ def test_retryable_categories() -> None:
         "smtp_transient",
         "oauth_unavailable",
     }
+
+
+def test_the_certificate_required_alert_says_what_the_server_wants() -> None:
+    alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate")
+    alert.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    # Implicit TLS: at the greeting, wrapped; STARTTLS: at the next read, as the cause.
+    for stage, exc in (
+        (Stage.TLS, _wrapped(SMTPConnectError("Error connecting"), alert)),
+        (Stage.EHLO, _wrapped(SMTPServerDisconnected("Connection lost"), alert)),
+    ):
+        assert _classify(exc, stage) == (
+            ErrorCategory.TLS_HANDSHAKE,
+            "TLS handshake failed: server requires a client certificate, and this client "
+            "presents none (TLS alert certificate_required)",
+        )

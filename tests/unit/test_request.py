@@ -41,6 +41,14 @@ KEY_PEM = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
         ({"host": "x", "ca_pem": "not a certificate"}, "ca_pem", "holds no PEM certificate"),
         ({"host": "x", "ca_pem": KEY_PEM}, "ca_pem", "not a private key"),
         ({"host": "x", "ca_file": "/ca.pem", "trust": "native"}, "ca_file", "not used with trust"),
+        ({"host": "x", "tls_name": ""}, "tls_name", "must not be empty"),
+        ({"host": "x", "tls_name": "mail example.com"}, "tls_name", "must not contain spaces"),
+        ({"host": "x", "tls_name": "a" * 254}, "tls_name", "longer than 253"),
+        ({"host": "x", "tls_name": "*.example.com"}, "tls_name", "not a valid host name"),
+        ({"host": "x", "tls_name": "192.0.2.1"}, "tls_name", "not an IP address"),
+        ({"host": "x", "tls_name": "[2001:db8::1]"}, "tls_name", "not an IP address"),
+        ({"host": "x", "tls_name": 7}, "tls_name", "valid string"),
+        ({"host": "x", "security": "plain", "tls_name": "mx.example"}, "tls_name", "not used"),
     ],
 )
 def test_invalid_fields_are_named(fields: dict[str, Any], field: str, problem: str) -> None:
@@ -97,6 +105,23 @@ def test_stage_timeouts_default_to_the_timeout_and_never_exceed_it() -> None:
 )
 def test_hosts_go_on_the_wire_in_ascii(host: str, wire: str) -> None:
     assert parse_request({"host": host}).connect_host == wire
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"host": "192.0.2.1"}, "192.0.2.1"),
+        ({"host": "192.0.2.1", "tls_name": "Mail.Example.COM."}, "mail.example.com"),
+        ({"host": "192.0.2.1", "tls_name": "bücher.example"}, "xn--bcher-kva.example"),
+        ({"host": "lb.example", "tls_name": "smtp.example"}, "smtp.example"),
+    ],
+)
+def test_tls_name_is_what_tls_names_and_host_what_is_connected_to(
+    fields: dict[str, Any], name: str
+) -> None:
+    request = parse_request(fields)
+    assert request.tls_server_name == name
+    assert request.connect_host == parse_request({"host": fields["host"]}).connect_host
 
 
 @given(st.text(max_size=300))
