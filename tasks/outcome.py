@@ -43,6 +43,10 @@ class CertInfo(_Frozen):
     not_after: str
     sans: list[str]
     sha256: str
+    key_type: str | None = None  # RSA, EC, Ed25519, Ed448, DSA
+    key_bits: int | None = None
+    key_curve: str | None = None  # EC keys: the named curve (secp256r1)
+    signature_algorithm: str | None = None  # sha256WithRSAEncryption, ecdsa-with-SHA256
 
 
 class TlsInfo(_Frozen):

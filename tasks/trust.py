@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import os
 import ssl
 import sys
@@ -14,6 +13,9 @@ import certifi
 import truststore
 from aiosmtplib import SMTP, SMTPException
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from smtp_session.tasks.outcome import CertInfo
@@ -22,6 +24,22 @@ from smtp_session.tasks.resolve import connect_first, literal_address
 TrustMode = Literal["native", "portable"]
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 _TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
+#: What cryptography raises for a certificate, or a part of one, that it will not read
+#: (OpenSSL, less strict, may have taken it in a handshake or a store).
+UNREADABLE = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+# The public key types a certificate names, as `tls.cert.key_type` says them.
+_KEY_TYPES: tuple[tuple[type, str], ...] = (
+    (rsa.RSAPublicKey, "RSA"),
+    (ec.EllipticCurvePublicKey, "EC"),
+    (ed25519.Ed25519PublicKey, "Ed25519"),
+    (ed448.Ed448PublicKey, "Ed448"),
+    (dsa.DSAPublicKey, "DSA"),
+)
 
 
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -106,21 +124,49 @@ def _names(certificate: x509.Certificate) -> list[str]:
     ]
 
 
-@functools.lru_cache(maxsize=1024)
-def describe_certificate(der: bytes) -> CertInfo | None:
-    """The fields an operator needs to tell which certificate a server presented."""
+def _key(certificate: x509.Certificate) -> tuple[str | None, int | None, str | None]:
+    """The public key's type, size in bits and (EC) curve name."""
     try:
-        certificate = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return None
+        key = certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm):  # a key type cryptography cannot load
+        return None, None, None
+    kind = next((name for cls, name in _KEY_TYPES if isinstance(key, cls)), None)
+    curve = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else None
+    bits = getattr(key, "key_size", None)
+    # Ed25519 and Ed448 keys have one size each, which their type names.
+    return kind, bits if isinstance(bits, int) else None, curve
+
+
+def _signature_algorithm(certificate: x509.Certificate) -> str:
+    oid = certificate.signature_algorithm_oid
+    # cryptography's name for the OID is OpenSSL's (sha256WithRSAEncryption); its
+    # dotted form when cryptography has none.
+    return oid.dotted_string if oid._name == "Unknown OID" else oid._name
+
+
+def _describe(certificate: x509.Certificate) -> CertInfo:
+    key_type, key_bits, key_curve = _key(certificate)
     return CertInfo(
         subject=certificate.subject.rfc4514_string(),
         issuer=certificate.issuer.rfc4514_string(),
         not_before=certificate.not_valid_before_utc.strftime(_TIMESTAMP),
         not_after=certificate.not_valid_after_utc.strftime(_TIMESTAMP),
         sans=_names(certificate),
-        sha256=hashlib.sha256(der).hexdigest(),
+        sha256=certificate.fingerprint(hashes.SHA256()).hex(),
+        key_type=key_type,
+        key_bits=key_bits,
+        key_curve=key_curve,
+        signature_algorithm=_signature_algorithm(certificate),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def describe_certificate(der: bytes) -> CertInfo | None:
+    """The fields an operator needs to tell which certificate a server presented."""
+    try:
+        return _describe(x509.load_der_x509_certificate(der))
+    except UNREADABLE:
+        return None
 
 
 def peer_certificate(smtp: SMTP) -> CertInfo | None:

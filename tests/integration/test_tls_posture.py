@@ -1,0 +1,50 @@
+"""The TLS posture of a server, recorded and flagged, against real servers on loopback.
+
+The key and signature algorithm of its certificate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trustme
+
+from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.session import open_session
+from tests.servers import (
+    LOOPBACK,
+    LOOPBACK_IDENTITIES,
+    SmtpServerFactory,
+)
+
+
+async def session(port: int, **fields: Any) -> Outcome:
+    return await open_session({"host": LOOPBACK, "port": port, **fields})
+
+
+@pytest.mark.parametrize(
+    ("key_type", "expected"),
+    [
+        (trustme.KeyType.RSA, ("RSA", 2048, None, "sha256WithRSAEncryption")),
+        (trustme.KeyType.ECDSA, ("EC", 256, "secp256r1", "ecdsa-with-SHA256")),
+    ],
+)
+async def test_the_certificates_key_and_signature_algorithm_are_recorded(
+    smtp_server_factory: SmtpServerFactory,
+    key_type: trustme.KeyType,
+    expected: tuple[str, int, str | None, str],
+) -> None:
+    issuer = trustme.CA(key_type=key_type)
+    cert = issuer.issue_cert(*LOOPBACK_IDENTITIES, key_type=key_type)
+    server = await smtp_server_factory(cert=cert)
+    outcome = await session(server.port, ca_pem=issuer.cert_pem.bytes().decode())
+    assert outcome.ok, outcome.err_message
+    assert outcome.tls is not None and outcome.tls.cert is not None
+    recorded = outcome.tls.cert
+    assert (
+        recorded.key_type,
+        recorded.key_bits,
+        recorded.key_curve,
+        recorded.signature_algorithm,
+    ) == expected
