@@ -83,6 +83,16 @@ PLATFORM_CODES = (
 )
 _BY_CODE = {row.code: row for row in PLATFORM_CODES}
 
+# OpenSSL's reasons for a handshake with no TLS version in common, where this client
+# offers 1.2 and 1.3: the server's protocol_version alert, or a ServerHello of an older
+# version. Either way the server speaks nothing newer than TLS 1.1.
+_LEGACY_TLS_REASONS = frozenset({"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"})
+LEGACY_TLS_MESSAGE = "server offers only TLS 1.0/1.1; this client requires TLS 1.2 or newer"
+LEGACY_TLS_HINT = (
+    "the server must enable TLS 1.2 or 1.3: TLS 1.0 and 1.1 are deprecated (RFC 8996), "
+    "and this client never negotiates them"
+)
+
 MAX_QUOTED_REPLY = 120
 _E = TypeVar("_E", bound=BaseException)
 _ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -113,6 +123,7 @@ class Failure:
     smtp_enhanced: str | None = None
     # OpenSSL's X509_V_ERR_* code; a native verifier's code when OpenSSL has no equivalent.
     verify_code: int | None = None
+    hint: str | None = None  # the fix, where the failure alone points at one
 
     @property
     def is_certificate_failure(self) -> bool:
@@ -227,6 +238,13 @@ def classify(
         return _classify_certificate(cert_error, stage)
     if (tls_error := _find(exc, ssl.SSLError)) is not None:
         reason = (tls_error.reason or str(tls_error)).lower().replace("_", " ")
+        if tls_error.reason in _LEGACY_TLS_REASONS:
+            return Failure(
+                ErrorCategory.TLS_HANDSHAKE,
+                f"{LEGACY_TLS_MESSAGE} ({reason})",
+                stage,
+                hint=LEGACY_TLS_HINT,
+            )
         return Failure(ErrorCategory.TLS_HANDSHAKE, f"TLS handshake failed: {reason}", stage)
     if (dns_error := _find(exc, socket.gaierror)) is not None:
         return Failure(ErrorCategory.DNS, f"could not resolve {host}: {dns_error.strerror}", stage)

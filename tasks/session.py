@@ -346,7 +346,7 @@ def _explain(
     failure: Failure, *, cert: CertInfo | None, both_modes: bool, request: SessionRequest
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
-    message, hint = failure.message, None
+    message, hint = failure.message, failure.hint
     security, port = request.effective_security, request.effective_port
     if failure.category is ErrorCategory.TLS_EXPIRED and cert is not None:
         message = (
@@ -374,6 +374,7 @@ def _explain(
         hint = "port 465 usually expects implicit TLS: try security=tls"
     elif (
         failure.category is ErrorCategory.TLS_HANDSHAKE
+        and hint is None
         and security == "tls"
         and port != IMPLICIT_TLS_PORT
     ):

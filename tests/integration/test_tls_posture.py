@@ -1,6 +1,6 @@
 """The TLS posture of a server, recorded and flagged, against real servers on loopback.
 
-The key and signature algorithm of its certificate.
+The key and signature algorithm of its certificate, a server with only TLS 1.0/1.1.
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ from typing import Any
 import pytest
 import trustme
 
+from smtp_session.tasks.classify import LEGACY_TLS_HINT, LEGACY_TLS_MESSAGE
 from smtp_session.tasks.outcome import Outcome
 from smtp_session.tasks.session import open_session
 from tests.servers import (
     LOOPBACK,
     LOOPBACK_IDENTITIES,
+    LegacyTlsServer,
     SmtpServerFactory,
+    TlsMode,
 )
 
 
@@ -48,3 +51,15 @@ async def test_the_certificates_key_and_signature_algorithm_are_recorded(
         recorded.key_curve,
         recorded.signature_algorithm,
     ) == expected
+
+
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+async def test_a_server_with_only_tls_1_0_and_1_1_is_named_so(
+    good_cert: trustme.LeafCert, mode: TlsMode
+) -> None:
+    async with LegacyTlsServer(good_cert, mode=mode) as server:
+        outcome = await session(server.port, security=mode, retries=2)
+    assert (outcome.error, outcome.stage, outcome.attempts) == ("tls_handshake", mode, 1)
+    assert outcome.err_message == f"{LEGACY_TLS_MESSAGE} (tlsv1 alert protocol version)"
+    assert outcome.hint == LEGACY_TLS_HINT
+    assert server.handshakes_refused == 1

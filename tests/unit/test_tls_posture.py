@@ -1,4 +1,4 @@
-"""The certificate's key and signature algorithm described: no network.
+"""The certificate's key and signature algorithm described, legacy TLS named: no network.
 
 Certificates are made in memory with cryptography (tests/certificates.py); the sessions
 against real servers are in tests/integration/test_tls_posture.py.
@@ -6,6 +6,7 @@ against real servers are in tests/integration/test_tls_posture.py.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from smtp_session.tasks.classify import LEGACY_TLS_HINT, LEGACY_TLS_MESSAGE, classify
+from smtp_session.tasks.errors import ErrorCategory, Stage
 from smtp_session.tasks.trust import describe_certificate
 from tests.certificates import (
     BASIC_CONSTRAINTS_OID,
@@ -82,3 +85,26 @@ def test_certificates_cryptography_will_not_read_are_not_described() -> None:
     [certificate] = parsed(*server_cert().cert_chain_pems)
     der = patched(certificate, BASIC_CONSTRAINTS_OID, SUBJECT_ALT_NAME_OID)
     assert describe_certificate(der) is None
+
+
+# ----------------------------------------------------------------------------- legacy TLS
+
+
+@pytest.mark.parametrize(
+    ("reason", "text"),
+    [
+        # The server's alert to a ClientHello with nothing older than TLS 1.2.
+        ("TLSV1_ALERT_PROTOCOL_VERSION", "tlsv1 alert protocol version"),
+        # A server that answers with a TLS 1.0/1.1 ServerHello all the same.
+        ("UNSUPPORTED_PROTOCOL", "unsupported protocol"),
+    ],
+)
+def test_a_server_with_only_old_tls_is_named_so(reason: str, text: str) -> None:
+    error = ssl.SSLError(1, f"[SSL: {reason}] {text}")
+    error.reason = reason
+    failure = classify(error, Stage.TLS, host="smtp.example.com", endpoint="192.0.2.1 port 465")
+    assert (failure.category, failure.message, failure.hint) == (
+        ErrorCategory.TLS_HANDSHAKE,
+        f"{LEGACY_TLS_MESSAGE} ({text})",
+        LEGACY_TLS_HINT,
+    )
