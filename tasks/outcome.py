@@ -63,6 +63,7 @@ class ServerInfo(_Frozen):
     extensions: list[str] = []
     auth_mechanisms: list[str] = []
     size_limit: int | None = None
+    auth_before_tls: bool = False  # AUTH advertised on a plaintext connection
 
 
 class Timings(_Frozen):

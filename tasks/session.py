@@ -130,6 +130,7 @@ class _Connection:
         self.cert: CertInfo | None = None
         self.verified = False
         self.tls_began = False
+        self.auth_before_tls = False
         self.authenticated = False
         self.deadline = 0.0
         self._loop = asyncio.get_running_loop()
@@ -298,11 +299,17 @@ class _Connection:
 
     def _record_server(self, smtp: SMTP) -> None:
         size = smtp.esmtp_extensions.get("size", "")
+        # An EHLO reply read in the clear that offers AUTH: a client that believes it
+        # would send its credentials in plaintext (this one never does).
+        self.auth_before_tls = self.auth_before_tls or (
+            smtp.supports_extension("auth") and smtp.get_transport_info("sslcontext") is None
+        )
         self.server = ServerInfo(
             banner=self.banner,
             extensions=[name.upper() for name in smtp.esmtp_extensions],
             auth_mechanisms=[name.upper() for name in smtp.server_auth_methods],
             size_limit=int(size) if size.isascii() and size.isdigit() and len(size) < 20 else None,
+            auth_before_tls=self.auth_before_tls,
         )
 
     @staticmethod
@@ -463,6 +470,14 @@ async def run_attempt(
             implicit_tls=connection.implicit_tls,
             local_hostname=ehlo_name,
             seconds=connection.remaining(),
+        )
+    if connection.auth_before_tls:
+        log.warning(
+            "session.auth_before_tls",
+            host=request.host,
+            port=request.effective_port,
+            address=connection.address,
+            target=request.target,
         )
     message, hint = ("", None)
     if failure is not None:

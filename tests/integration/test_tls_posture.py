@@ -1,6 +1,7 @@
 """The TLS posture of a server, recorded and flagged, against real servers on loopback.
 
-The key and signature algorithm of its certificate, a server with only TLS 1.0/1.1.
+The key and signature algorithm of its certificate, a server with only TLS 1.0/1.1, AUTH
+offered before STARTTLS.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import trustme
+from structlog.testing import capture_logs
 
 from smtp_session.tasks.classify import LEGACY_TLS_HINT, LEGACY_TLS_MESSAGE
 from smtp_session.tasks.outcome import Outcome
@@ -17,9 +19,12 @@ from tests.servers import (
     LOOPBACK,
     LOOPBACK_IDENTITIES,
     LegacyTlsServer,
+    SmtpMode,
     SmtpServerFactory,
     TlsMode,
 )
+
+USER, PASSWORD = "alice", "correct horse battery"
 
 
 async def session(port: int, **fields: Any) -> Outcome:
@@ -63,3 +68,32 @@ async def test_a_server_with_only_tls_1_0_and_1_1_is_named_so(
     assert outcome.err_message == f"{LEGACY_TLS_MESSAGE} (tlsv1 alert protocol version)"
     assert outcome.hint == LEGACY_TLS_HINT
     assert server.handshakes_refused == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "auth_require_tls", "flagged"),
+    [("starttls", False, True), ("plain", False, True), ("starttls", True, False)],
+)
+async def test_auth_offered_in_plaintext_is_flagged_and_logged(
+    smtp_server_factory: SmtpServerFactory,
+    ca_pem_path: str,
+    mode: SmtpMode,
+    auth_require_tls: bool,
+    flagged: bool,
+) -> None:
+    server = await smtp_server_factory(
+        mode=mode, auth={USER: PASSWORD}, auth_require_tls=auth_require_tls
+    )
+    with capture_logs() as logs:
+        outcome = await session(server.port, security=mode, ca_file=ca_pem_path)
+    assert outcome.ok, outcome.err_message
+    assert outcome.server is not None
+    assert "AUTH" in outcome.server.extensions
+    assert outcome.server.auth_before_tls is flagged
+    warnings = [entry for entry in logs if entry["event"] == "session.auth_before_tls"]
+    expected = {"host": LOOPBACK, "port": server.port, "address": LOOPBACK, "target": None}
+    assert warnings == (
+        [{**expected, "event": "session.auth_before_tls", "log_level": "warning"}]
+        if flagged
+        else []
+    )
