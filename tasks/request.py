@@ -13,6 +13,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.tasks.resolve import is_ip_literal
 
 Security = Literal["auto", "starttls", "tls", "plain"]
 Trust = Literal["auto", "native", "portable"]
@@ -31,14 +32,6 @@ NATIVE_IGNORES_CA_FILE = (
     "is not used with trust native (the system's store only): use trust auto or portable"
 )
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?$")
-
-
-def _is_ip_literal(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -91,7 +84,7 @@ class SessionRequest(BaseModel):
         if len(host) > MAX_HOST_LENGTH:
             raise ValueError(f"is longer than {MAX_HOST_LENGTH} characters")
         ascii_host = _ascii_host(host)
-        if _is_ip_literal(ascii_host):
+        if is_ip_literal(ascii_host):
             return host
         if not all(
             _HOST_LABEL.match(label) and len(label) <= MAX_LABEL_LENGTH

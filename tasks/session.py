@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import structlog
 from aiosmtplib import SMTP, SMTPException, SMTPResponse
 
+from smtp_session.tasks.chain import ChainProblem, diagnose
 from smtp_session.tasks.classify import (
     CERT_HAS_EXPIRED,
     STAGE_ACTIVITY,
@@ -41,8 +42,10 @@ from smtp_session.tasks.resolve import AddressInfo, connect_first, local_hostnam
 from smtp_session.tasks.secrets import Credentials, resolve_credentials
 from smtp_session.tasks.trust import (
     TrustMode,
-    fetch_unverified_certificate,
+    describe_chain,
+    fetch_unverified_chain,
     peer_certificate,
+    portable_anchors,
     verifying_context,
 )
 from smtp_session.tasks.trust_memory import TrustMemory
@@ -350,7 +353,12 @@ def _auth_unavailable(offered: list[str], wanted: str) -> SessionFailure:
 
 
 def _explain(
-    failure: Failure, *, cert: CertInfo | None, both_modes: bool, request: SessionRequest
+    failure: Failure,
+    *,
+    cert: CertInfo | None,
+    chain: ChainProblem | None,
+    both_modes: bool,
+    request: SessionRequest,
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
     message, hint = failure.message, failure.hint
@@ -365,6 +373,8 @@ def _explain(
         names = ", ".join(cert.sans) if cert is not None and cert.sans else "none"
         message = f"certificate is not valid for {request.connect_host} (it names: {names})"
     elif failure.category is ErrorCategory.TLS_UNTRUSTED:
+        if chain is not None:
+            message = f"certificate verify failed: {chain.message}"
         if both_modes:
             message += " (native and portable trust)"
         hint = (
@@ -372,6 +382,9 @@ def _explain(
             if request.trust != "native"
             else "try trust=auto, or trust=portable with the issuing CA in ca_file"
         )
+        if chain is not None:  # it names the CA, or the server's part
+            native = request.trust == "native"
+            hint = chain.hint("with ca_file and trust=auto" if native else "with ca_file")
     elif (
         failure.category is ErrorCategory.TIMEOUT
         and failure.stage is Stage.BANNER
@@ -461,9 +474,9 @@ async def run_attempt(
             trust_memory.remember(memory_key, connection.trust)
         elif failure.category is ErrorCategory.TLS_UNTRUSTED:
             trust_memory.remember(memory_key, None)
-    cert = connection.cert
+    cert, chain = connection.cert, None
     if failure is not None and failure.is_certificate_failure and connection.address:
-        cert = await fetch_unverified_certificate(
+        presented = await fetch_unverified_chain(
             address=connection.address,
             port=request.effective_port,
             server_hostname=request.connect_host,
@@ -471,6 +484,10 @@ async def run_attempt(
             local_hostname=ehlo_name,
             seconds=connection.remaining(),
         )
+        cert = describe_chain(presented)  # None: nothing presented that cryptography reads
+        if cert is not None and failure.category is ErrorCategory.TLS_UNTRUSTED:
+            anchors = portable_anchors(extra_ca_file, request.ca_file, ca_pem=request.ca_pem)
+            chain = diagnose(presented, anchors)
     if connection.auth_before_tls:
         log.warning(
             "session.auth_before_tls",
@@ -481,7 +498,9 @@ async def run_attempt(
         )
     message, hint = ("", None)
     if failure is not None:
-        message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
+        message, hint = _explain(
+            failure, cert=cert, chain=chain, both_modes=index > 0, request=request
+        )
     return Outcome(
         ok=failure is None,
         err_message=message,

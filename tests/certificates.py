@@ -1,8 +1,9 @@
 """Certificates trustme does not make, built in memory with cryptography.
 
 A server certificate that is self-signed, has another key type or names where its
-issuer is published (AIA caIssuers); certificates patched so that cryptography cannot
-read them, as OpenSSL still does: what unusual servers present.
+issuer is published (AIA caIssuers); a trustme certificate sent with another chain than
+its own; certificates patched so that cryptography cannot read them, as OpenSSL still
+does: what misconfigured or unusual servers present.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def server_cert(
         serialization.NoEncryption(),
     )
     return trustme.LeafCert(key_pem, certificate.public_bytes(serialization.Encoding.PEM), [])
+
+
+def presenting(cert: trustme.LeafCert, *chain: trustme.Blob) -> trustme.LeafCert:
+    """`cert` (its key and certificate) sent with `chain` after it instead of its own."""
+    return trustme.LeafCert(
+        cert.private_key_pem.bytes(),
+        cert.cert_chain_pems[0].bytes(),
+        [blob.bytes() for blob in chain],
+    )
 
 
 #: DER encodings of object identifiers, swapped in certificates by :func:`patched`.

@@ -11,13 +11,14 @@ from collections.abc import Callable
 
 import pytest
 import trustme
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from smtp_session.tasks.classify import LEGACY_TLS_HINT, LEGACY_TLS_MESSAGE, classify
 from smtp_session.tasks.errors import ErrorCategory, Stage
-from smtp_session.tasks.trust import describe_certificate
+from smtp_session.tasks.trust import describe_certificate, describe_chain
 from tests.certificates import (
     BASIC_CONSTRAINTS_OID,
     ED25519_OID,
@@ -85,6 +86,8 @@ def test_certificates_cryptography_will_not_read_are_not_described() -> None:
     [certificate] = parsed(*server_cert().cert_chain_pems)
     der = patched(certificate, BASIC_CONSTRAINTS_OID, SUBJECT_ALT_NAME_OID)
     assert describe_certificate(der) is None
+    assert describe_chain([x509.load_der_x509_certificate(der)]) is None
+    assert describe_chain([]) is None
 
 
 # ----------------------------------------------------------------------------- legacy TLS
