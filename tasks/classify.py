@@ -101,6 +101,16 @@ NOT_TLS_REASONS = frozenset(
     }
 )
 
+# OpenSSL's reasons for a handshake with no TLS version in common, where this client
+# offers 1.2 and 1.3: the server's protocol_version alert, or a ServerHello of an older
+# version. Either way the server speaks nothing newer than TLS 1.1.
+_LEGACY_TLS_REASONS = frozenset({"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"})
+LEGACY_TLS_MESSAGE = "server offers only TLS 1.0/1.1; this client requires TLS 1.2 or newer"
+LEGACY_TLS_HINT = (
+    "the server must enable TLS 1.2 or 1.3: TLS 1.0 and 1.1 are deprecated (RFC 8996), "
+    "and this client never negotiates them"
+)
+
 # Room for a provider's whole refusal, every line of it: Gmail's two-line 535 with its
 # help link, Microsoft's 5.7.139 with its link and server stamp (about 240 characters).
 MAX_QUOTED_REPLY = 300
@@ -278,6 +288,13 @@ def classify(
             message = f"{CLIENT_CERTIFICATE_REQUIRED} (TLS alert certificate_required)"
             return Failure(ErrorCategory.TLS_HANDSHAKE, message, stage)
         reason = (tls_error.reason or str(tls_error)).lower().replace("_", " ")
+        if tls_error.reason in _LEGACY_TLS_REASONS:
+            return Failure(
+                ErrorCategory.TLS_HANDSHAKE,
+                f"{LEGACY_TLS_MESSAGE} ({reason})",
+                stage,
+                hint=LEGACY_TLS_HINT,
+            )
         return Failure(
             ErrorCategory.TLS_HANDSHAKE,
             f"TLS handshake failed: {reason}",

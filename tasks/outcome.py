@@ -17,6 +17,16 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (`X`, `X | None`, `list[X] | None`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(
+        (model for kind in getattr(annotation, "__args__", ()) if (model := _model_in(kind))),
+        None,
+    )
+
+
 def _known(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
     """`data` without the keys `model` (and the models inside it) does not know."""
     known: dict[str, Any] = {}
@@ -24,16 +34,22 @@ def _known(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
         field = model.model_fields.get(name)
         if field is None:
             continue
-        inner = next(
-            (
-                kind
-                for kind in getattr(field.annotation, "__args__", (field.annotation,))
-                if isinstance(kind, type) and issubclass(kind, BaseModel)
-            ),
-            None,
-        )
-        known[name] = _known(inner, value) if inner and isinstance(value, dict) else value
+        inner = _model_in(field.annotation)
+        if inner is not None and isinstance(value, dict):
+            value = _known(inner, value)
+        elif inner is not None and isinstance(value, list):
+            value = [_known(inner, item) if isinstance(item, dict) else item for item in value]
+        known[name] = value
     return known
+
+
+class ChainCert(_Frozen):
+    """One certificate of the chain a server presented."""
+
+    subject: str
+    issuer: str
+    not_after: str
+    sha256: str
 
 
 class CertInfo(_Frozen):
@@ -45,6 +61,13 @@ class CertInfo(_Frozen):
     not_after: str
     sans: list[str]
     sha256: str
+    key_type: str | None = None  # RSA, EC, Ed25519, Ed448, DSA
+    key_bits: int | None = None
+    key_curve: str | None = None  # EC keys: the named curve (secp256r1)
+    signature_algorithm: str | None = None  # sha256WithRSAEncryption, ecdsa-with-SHA256
+    # Every certificate presented, in the server's order, when it was read: on the
+    # report-only connection after a verification failure (Python's ssl gives only the leaf).
+    chain: list[ChainCert] | None = None
 
 
 class TlsInfo(_Frozen):
@@ -62,6 +85,7 @@ class ServerInfo(_Frozen):
     extensions: list[str] = []
     auth_mechanisms: list[str] = []
     size_limit: int | None = None
+    auth_before_tls: bool = False  # AUTH advertised on a plaintext connection
 
 
 class Timings(_Frozen):

@@ -13,6 +13,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from smtp_session.tasks.errors import InvalidRequest
+from smtp_session.tasks.resolve import is_ip_literal
 
 Security = Literal["auto", "starttls", "tls", "plain"]
 Trust = Literal["auto", "native", "portable"]
@@ -42,14 +43,6 @@ _DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 _QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 
 
-def _is_ip_literal(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _check_host_name(host: str) -> bool:
     """Raise ValueError saying what is wrong with a host name; True for an IP literal."""
     if not host:
@@ -61,7 +54,7 @@ def _check_host_name(host: str) -> bool:
     if len(host) > MAX_HOST_LENGTH:
         raise ValueError(f"is longer than {MAX_HOST_LENGTH} characters")
     ascii_host = _ascii_host(host)
-    if _is_ip_literal(ascii_host):
+    if is_ip_literal(ascii_host):
         return True
     if not all(
         _HOST_LABEL.match(label) and len(label) <= MAX_LABEL_LENGTH
@@ -92,22 +85,7 @@ def _ascii_host(host: str) -> str:
 
 def check_host(host: str) -> str:
     """`host` if it is a host name (IDNA) or an IP literal, else ValueError saying why."""
-    if not host:
-        raise ValueError("must not be empty")
-    if any(ch.isspace() for ch in host):
-        raise ValueError("must not contain spaces")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in host):
-        raise ValueError("must not contain control characters")
-    if len(host) > MAX_HOST_LENGTH:
-        raise ValueError(f"is longer than {MAX_HOST_LENGTH} characters")
-    ascii_host = _ascii_host(host)
-    if _is_ip_literal(ascii_host):
-        return host
-    if not all(
-        _HOST_LABEL.match(label) and len(label) <= MAX_LABEL_LENGTH
-        for label in ascii_host.split(".")
-    ):
-        raise ValueError(f"{host!r} is not a valid host name")
+    _check_host_name(host)
     return host
 
 

@@ -60,6 +60,15 @@ async def in_daemon_thread(func: Callable[..., _T], *args: Any) -> _T:
     return await future
 
 
+def is_ip_literal(text: str) -> bool:
+    """Whether `text` is an IP address (a scoped IPv6 one too), not a name."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def literal_address(host: str, port: int) -> list[AddressInfo] | None:
     """An IP literal's socket address, no resolver needed (None for a name)."""
     try:

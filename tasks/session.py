@@ -28,6 +28,7 @@ from aiosmtplib import (
 )
 from aiosmtplib.auth import auth_xoauth2_encode
 
+from smtp_session.tasks.chain import ChainProblem, diagnose
 from smtp_session.tasks.classify import (
     CERT_HAS_EXPIRED,
     CLIENT_CERTIFICATE_REQUIRED,
@@ -73,8 +74,10 @@ from smtp_session.tasks.trust import (
     SMTPClient,
     TrustMode,
     ca_file_problem,
-    fetch_unverified_certificate,
+    describe_chain,
+    fetch_unverified_chain,
     peer_certificate,
+    portable_anchors,
     verifying_context,
 )
 from smtp_session.tasks.trust_memory import TrustMemory
@@ -194,6 +197,7 @@ class _Connection:
         self.cert: CertInfo | None = None
         self.verified = False
         self.tls_began = False
+        self.auth_before_tls = False
         self.authenticated = False
         self.envelope: Envelope | None = None
         self.deadline = 0.0
@@ -510,11 +514,17 @@ class _Connection:
 
     def _record_server(self, smtp: SMTP) -> None:
         size = smtp.esmtp_extensions.get("size", "")
+        # An EHLO reply read in the clear that offers AUTH: a client that believes it
+        # would send its credentials in plaintext (this one never does).
+        self.auth_before_tls = self.auth_before_tls or (
+            smtp.supports_extension("auth") and smtp.get_transport_info("sslcontext") is None
+        )
         self.server = ServerInfo(
             banner=self.banner,
             extensions=[name.upper() for name in smtp.esmtp_extensions],
             auth_mechanisms=[name.upper() for name in smtp.server_auth_methods],
             size_limit=int(size) if size.isascii() and size.isdigit() and len(size) < 20 else None,
+            auth_before_tls=self.auth_before_tls,
         )
 
     async def _authenticate(self, smtp: SMTP, credentials: Credentials) -> None:
@@ -594,7 +604,12 @@ def _auth_unavailable(offered: list[str], wanted: str) -> SessionFailure:
 
 
 def _explain(
-    failure: Failure, *, cert: CertInfo | None, both_modes: bool, request: SessionRequest
+    failure: Failure,
+    *,
+    cert: CertInfo | None,
+    chain: ChainProblem | None,
+    both_modes: bool,
+    request: SessionRequest,
 ) -> tuple[str, str | None]:
     """The final err_message and hint, once all the evidence is in."""
     message, hint = failure.message, failure.hint
@@ -608,6 +623,8 @@ def _explain(
         names = ", ".join(cert.sans) if cert is not None and cert.sans else "none"
         message = f"certificate is not valid for {request.tls_server_name} (it names: {names})"
     elif failure.category is ErrorCategory.TLS_UNTRUSTED:
+        if chain is not None:
+            message = f"certificate verify failed: {chain.message}"
         if both_modes:
             message += " (native and portable trust)"
         hint = (
@@ -615,6 +632,9 @@ def _explain(
             if request.trust != "native"
             else "try trust=auto, or trust=portable with the issuing CA in ca_file"
         )
+        if chain is not None:  # it names the CA, or the server's part
+            native = request.trust == "native"
+            hint = chain.hint("with ca_file and trust=auto" if native else "with ca_file")
     elif failure.category is ErrorCategory.STARTTLS_UNAVAILABLE:
         hint = "if the server has an implicit TLS port (usually 465), try security=tls there"
     return message, hint
@@ -715,10 +735,10 @@ async def run_attempt(
             memory.remember(memory_key, connection.trust)
         elif failure.category is ErrorCategory.TLS_UNTRUSTED:
             memory.remember(memory_key, None)
-    cert = connection.cert
+    cert, chain = connection.cert, None
     certificate_refused = failure is not None and failure.is_certificate_failure
     if certificate_refused and connection.address and connection.ehlo_name:
-        cert = await fetch_unverified_certificate(
+        presented = await fetch_unverified_chain(
             address=connection.address,
             port=request.effective_port,
             server_hostname=request.tls_server_name,
@@ -726,6 +746,14 @@ async def run_attempt(
             local_hostname=connection.ehlo_name,
             seconds=connection.remaining(),
         )
+        cert = describe_chain(presented)  # None: nothing presented that cryptography reads
+        if (
+            cert is not None
+            and failure is not None
+            and failure.category is ErrorCategory.TLS_UNTRUSTED
+        ):
+            anchors = portable_anchors(extra_ca_file, request.ca_file, ca_pem=request.ca_pem)
+            chain = diagnose(presented, anchors)
     evidence = connection.evidence
     read_no_tls = failure is not None and failure.peer_not_tls and failure.stage is Stage.TLS
     if read_no_tls and connection.address:
@@ -737,9 +765,19 @@ async def run_attempt(
         )
     # The port speaks the other mode: no attempt in this one can succeed.
     wrong_mode = _mode_hint(evidence, request) if failure is not None else None
+    if connection.auth_before_tls:
+        log.warning(
+            "session.auth_before_tls",
+            host=request.host,
+            port=request.effective_port,
+            address=connection.address,
+            target=request.target,
+        )
     message, hint = ("", None)
     if failure is not None:
-        message, hint = _explain(failure, cert=cert, both_modes=index > 0, request=request)
+        message, hint = _explain(
+            failure, cert=cert, chain=chain, both_modes=index > 0, request=request
+        )
         hint = reply_hint(failure, mechanism=connection.mechanism) or hint
     tls = connection.tls_info(fallback=fallback, remembered=remembered, cert=cert)
     return Outcome(

@@ -4,30 +4,54 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import os
 import re
 import ssl
 import stat
 import sys
-from collections.abc import Coroutine
+import warnings
+from collections.abc import Coroutine, Sequence
 from typing import Any, Literal
 
 import certifi
 import truststore
-from aiosmtplib import SMTP, SMTPException, SMTPResponse, SMTPResponseException
+from aiosmtplib import SMTP, SMTPException, SMTPResponse, SMTPResponseException, SMTPStatus
 from aiosmtplib.typing import Default
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtensionOID
+from OpenSSL import SSL
 
 from smtp_session.tasks.client_auth import watch
-from smtp_session.tasks.outcome import CertInfo
-from smtp_session.tasks.resolve import connect_first, literal_address
+from smtp_session.tasks.outcome import CertInfo, ChainCert
+from smtp_session.tasks.resolve import connect_first, is_ip_literal, literal_address
 from smtp_session.tasks.transcript import Transcript
 
 TrustMode = Literal["native", "portable"]
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+#: The most certificates of a presented chain kept: real chains have two to four.
+MAX_CHAIN = 10
 _TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
+#: What cryptography raises for a certificate, or a part of one, that it will not read
+#: (OpenSSL, less strict, may have taken it in a handshake or a store).
+UNREADABLE = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+_READ_SIZE = 65_536
+# The public key types a certificate names, as `tls.cert.key_type` says them.
+_KEY_TYPES: tuple[tuple[type, str], ...] = (
+    (rsa.RSAPublicKey, "RSA"),
+    (ec.EllipticCurvePublicKey, "EC"),
+    (ed25519.Ed25519PublicKey, "Ed25519"),
+    (ed448.Ed448PublicKey, "Ed448"),
+    (dsa.DSAPublicKey, "DSA"),
+)
 
 
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -114,8 +138,10 @@ def _cached_context(mode: TrustMode, ca_pems: tuple[str, ...], _version: object)
 
 
 def forget_contexts() -> None:
-    """Drop the cached contexts (truststore's native one keeps every store it loaded)."""
+    """Drop the cached contexts (truststore's native one keeps every store it loaded), and
+    the store certificates read from them."""
     _cached_context.cache_clear()
+    _anchor.cache_clear()
 
 
 def verifying_context(
@@ -149,21 +175,68 @@ def _names(certificate: x509.Certificate) -> list[str]:
     ]
 
 
-@functools.lru_cache(maxsize=1024)
-def describe_certificate(der: bytes) -> CertInfo | None:
-    """The fields an operator needs to tell which certificate a server presented."""
+def _key(certificate: x509.Certificate) -> tuple[str | None, int | None, str | None]:
+    """The public key's type, size in bits and (EC) curve name."""
     try:
-        certificate = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return None
+        key = certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm):  # a key type cryptography cannot load
+        return None, None, None
+    kind = next((name for cls, name in _KEY_TYPES if isinstance(key, cls)), None)
+    curve = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else None
+    bits = getattr(key, "key_size", None)
+    # Ed25519 and Ed448 keys have one size each, which their type names.
+    return kind, bits if isinstance(bits, int) else None, curve
+
+
+def _signature_algorithm(certificate: x509.Certificate) -> str:
+    oid = certificate.signature_algorithm_oid
+    # cryptography's name for the OID is OpenSSL's (sha256WithRSAEncryption); its
+    # dotted form when cryptography has none.
+    return oid.dotted_string if oid._name == "Unknown OID" else oid._name
+
+
+def _describe(certificate: x509.Certificate) -> CertInfo:
+    key_type, key_bits, key_curve = _key(certificate)
     return CertInfo(
         subject=certificate.subject.rfc4514_string(),
         issuer=certificate.issuer.rfc4514_string(),
         not_before=certificate.not_valid_before_utc.strftime(_TIMESTAMP),
         not_after=certificate.not_valid_after_utc.strftime(_TIMESTAMP),
         sans=_names(certificate),
-        sha256=hashlib.sha256(der).hexdigest(),
+        sha256=certificate.fingerprint(hashes.SHA256()).hex(),
+        key_type=key_type,
+        key_bits=key_bits,
+        key_curve=key_curve,
+        signature_algorithm=_signature_algorithm(certificate),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def describe_certificate(der: bytes) -> CertInfo | None:
+    """The fields an operator needs to tell which certificate a server presented."""
+    try:
+        return _describe(x509.load_der_x509_certificate(der))
+    except UNREADABLE:
+        return None
+
+
+def describe_chain(presented: Sequence[x509.Certificate]) -> CertInfo | None:
+    """The first certificate presented, with the whole chain (in the server's order)."""
+    if not presented:
+        return None
+    try:
+        chain = [
+            ChainCert(
+                subject=certificate.subject.rfc4514_string(),
+                issuer=certificate.issuer.rfc4514_string(),
+                not_after=certificate.not_valid_after_utc.strftime(_TIMESTAMP),
+                sha256=certificate.fingerprint(hashes.SHA256()).hex(),
+            )
+            for certificate in presented
+        ]
+        return _describe(presented[0]).model_copy(update={"chain": chain})
+    except UNREADABLE:
+        return None
 
 
 def peer_certificate(smtp: SMTP) -> CertInfo | None:
@@ -229,18 +302,92 @@ class SMTPClient(SMTP):
         return response
 
 
-def _report_only_context() -> ssl.SSLContext:
-    # REPORT-ONLY: this context never carries a session. It completes one handshake
-    # after a verification failure so that the outcome can say *which* certificate was
-    # refused; the connection sends no credentials and no mail command, and is closed
-    # as soon as the certificate is read.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+def portable_anchors(*ca_files: str | None, ca_pem: str | None = None) -> list[x509.Certificate]:
+    """The CA certificates of the portable store: certifi's, the `ca_files`', `ca_pem`'s."""
+    context = verifying_context("portable", *ca_files, ca_pem=ca_pem)
+    anchors = (_anchor(der) for der in context.get_ca_certs(binary_form=True))
+    return [anchor for anchor in anchors if anchor is not None]
 
 
-async def fetch_unverified_certificate(
+@functools.lru_cache(maxsize=1024)
+def _anchor(der: bytes) -> x509.Certificate | None:
+    with warnings.catch_warnings():
+        # Some roots of certifi's (Go Daddy G2 among them) have serial number 0, which
+        # cryptography warns of and says it will refuse: OpenSSL takes them as anchors.
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        try:
+            return x509.load_der_x509_certificate(der)
+        except UNREADABLE:  # not an anchor we can compare with
+            return None
+
+
+class _PresentedChain(asyncio.Protocol):
+    """REPORT-ONLY: a TLS client handshake that verifies nothing, for the certificates
+    the server presents (Python 3.11's ssl gives only the first of them).
+
+    pyOpenSSL over memory BIOs, on the connection's own transport. It completes one
+    handshake after a verification failure so that the outcome can say *which* chain was
+    refused; nothing but the handshake is sent, and it is closed as soon as the chain is
+    read.
+    """
+
+    def __init__(self, server_hostname: str) -> None:
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)  # pyOpenSSL's default: VERIFY_NONE
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._tls = SSL.Connection(context, None)
+        if not is_ip_literal(server_hostname):  # SNI names a host, never an address
+            self._tls.set_tlsext_host_name(server_hostname.encode("ascii"))
+        self._tls.set_connect_state()
+        self._transport: asyncio.Transport | None = None
+        # The chain, bounded to MAX_CHAIN; empty when the handshake failed or was cut.
+        self.chain: asyncio.Future[list[x509.Certificate]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._advance()
+
+    def data_received(self, data: bytes) -> None:
+        self._tls.bio_write(data)
+        self._advance()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.chain.done():
+            self.chain.set_result([])
+
+    def _advance(self) -> None:
+        if self.chain.done():
+            return
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            pass  # the server's next flight first
+        except SSL.Error:
+            self.chain.set_result([])
+        else:
+            self.chain.set_result(self._presented())
+        finally:
+            self._send()  # our next flight, our Finished or our alert
+
+    def _presented(self) -> list[x509.Certificate]:
+        try:
+            presented = self._tls.get_peer_cert_chain(as_cryptography=True) or []
+        except UNREADABLE:  # one cryptography will not read
+            return []
+        return presented[:MAX_CHAIN]
+
+    def _send(self) -> None:
+        assert self._transport is not None
+        while True:
+            try:
+                self._transport.write(self._tls.bio_read(_READ_SIZE))
+            except SSL.WantReadError:  # nothing more to send
+                return
+
+
+async def fetch_unverified_chain(
     *,
     address: str,
     port: int,
@@ -248,39 +395,52 @@ async def fetch_unverified_certificate(
     implicit_tls: bool,
     local_hostname: str,
     seconds: float,
-) -> CertInfo | None:
-    """Read a refused server certificate for the report only (see _report_only_context).
+) -> list[x509.Certificate]:
+    """Read a refused server's chain for the report only (see _PresentedChain).
 
-    Bounded by `seconds`, the rest of the attempt's deadline; any failure gives None.
+    In the server's order, at most MAX_CHAIN certificates. Bounded by `seconds`, the rest
+    of the attempt's deadline; after STARTTLS nothing but the handshake is sent. Any
+    failure gives an empty list.
     """
     if seconds <= 0:
-        return None
+        return []
     addresses = literal_address(address, port)
     if addresses is None:
-        return None
+        return []
     smtp: SMTPClient | None = None
+    transport: asyncio.BaseTransport | None = None
     try:
         async with asyncio.timeout(seconds):
             loop = asyncio.get_running_loop()
             # The address the session reached, not the name again: no second lookup.
             sock = await connect_first(addresses, loop.time() + seconds, [])
-            smtp = SMTPClient(
-                hostname=server_hostname,  # for SNI: the server may pick its certificate by it
-                sock=sock,
-                local_hostname=local_hostname,
-                use_tls=implicit_tls,
-                start_tls=False,
-                tls_context=_report_only_context(),
-                timeout=None,
-            )
-            await smtp.connect()
-            if not implicit_tls:
+            handshake = _PresentedChain(server_hostname)
+            if implicit_tls:
+                transport, _ = await loop.create_connection(lambda: handshake, sock=sock)
+            else:
+                smtp = SMTPClient(
+                    hostname=server_hostname,
+                    sock=sock,
+                    local_hostname=local_hostname,
+                    start_tls=False,
+                    timeout=None,
+                )
+                await smtp.connect()
                 await smtp.ehlo()
-                await smtp.starttls(tls_context=_report_only_context())
-            return peer_certificate(smtp)
+                if (await smtp.execute_command(b"STARTTLS")).code != SMTPStatus.ready:
+                    return []
+                # Hand the connection over to the handshake, as loop.start_tls() hands
+                # it to the ssl module: the server sends nothing until our ClientHello.
+                transport = smtp.transport
+                assert transport is not None
+                transport.set_protocol(handshake)
+                handshake.connection_made(transport)
+            return await handshake.chain
     except (SMTPException, OSError, TimeoutError, ValueError):
         # The report is best effort: whatever stops it, the outcome already has its error.
-        return None
+        return []
     finally:
+        if transport is not None:
+            transport.close()
         if smtp is not None:
             smtp.close()

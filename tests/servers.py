@@ -78,6 +78,7 @@ WAIT_TIMEOUT = 5.0
 
 SmtpMode = Literal["plain", "starttls", "tls"]
 SMTP_MODES: tuple[SmtpMode, ...] = get_args(SmtpMode)
+TlsMode = Literal["starttls", "tls"]  # the modes with TLS
 
 RawBehaviour = Literal[
     "silent",
@@ -852,7 +853,31 @@ _TLS_CONTEXTS: dict[RawBehaviour, Callable[[trustme.LeafCert | None], ssl.SSLCon
 }
 
 
-class RawServer(_LoopbackServer):
+class _StreamServer(_LoopbackServer):
+    """A TCP server on 127.0.0.1, port 0, serving each connection as a stream."""
+
+    async def start(self) -> None:
+        """Listen on 127.0.0.1 at a fresh port (``self.port``)."""
+        await self._listen(lambda: _RawProtocol(self))
+
+    def _serve_soon(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine, so that the task is ours to track and cancel.
+        self._keep_task(asyncio.get_running_loop().create_task(self._serve(reader, writer)))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._behave(reader, writer)
+        except OSError:  # the client went away mid-fault: the fault is over
+            pass
+        finally:
+            writer.close()
+
+    @abc.abstractmethod
+    async def _behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection."""
+
+
+class RawServer(_StreamServer):
     """A misbehaving TCP server on 127.0.0.1, port 0; ``behaviour`` picks the fault.
 
     * ``silent``: accepts, never sends a byte, keeps the connection open.
@@ -886,30 +911,17 @@ class RawServer(_LoopbackServer):
         make_context = _TLS_CONTEXTS.get(behaviour)
         self._tls_context = make_context(cert) if make_context is not None else None
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 at a fresh port (``self.port``)."""
-        await self._listen(lambda: _RawProtocol(self))
-
-    def _serve_soon(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback, not a coroutine, so that the task is ours to track and cancel.
-        self._keep_task(asyncio.get_running_loop().create_task(self._serve(reader, writer)))
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            if self._tls_context is not None:
-                await _tls_then_silence(reader, writer, self._tls_context)
-            else:
-                await _BEHAVIOURS[self.behaviour](reader, writer)
-        except OSError:  # the client went away mid-fault: the fault is over
-            pass
-        finally:
-            writer.close()
+    async def _behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tls_context is not None:
+            await _tls_then_silence(reader, writer, self._tls_context)
+        else:
+            await _BEHAVIOURS[self.behaviour](reader, writer)
 
 
 class _RawProtocol(asyncio.StreamReaderProtocol):
-    """Stream protocol that reports its connection's life to its RawServer."""
+    """Stream protocol that reports its connection's life to its server."""
 
-    def __init__(self, owner: RawServer) -> None:
+    def __init__(self, owner: _StreamServer) -> None:
         super().__init__(asyncio.StreamReader(), owner._serve_soon)
         self._owner = owner
         self._raw: asyncio.BaseTransport | None = None
@@ -923,6 +935,69 @@ class _RawProtocol(asyncio.StreamReaderProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._owner._untrack(self._raw)
+
+
+# --------------------------------------------------------------------------- legacy TLS
+
+LEGACY_BANNER = b"220 legacy.example ESMTP\r\n"
+LEGACY_EHLO_REPLY = b"250-legacy.example\r\n250 STARTTLS\r\n"
+LEGACY_STARTTLS_REPLY = b"220 2.0.0 Ready to start TLS\r\n"
+
+
+def legacy_tls_context(cert: trustme.LeafCert) -> ssl.SSLContext:
+    """A server context that offers TLS 1.0 and 1.1 only, presenting ``cert``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context)
+    # OpenSSL 3 negotiates TLS 1.0/1.1 only at security level 0 (Debian 12's default is 2).
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():  # the versions themselves are deprecated in Python
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    return context
+
+
+class LegacyTlsServer(_StreamServer):
+    """An SMTP server on 127.0.0.1, port 0, whose TLS stops at 1.1, like an old appliance.
+
+    ``mode``: ``tls`` (TLS from the first byte) or ``starttls`` (greeting, an EHLO reply
+    offering STARTTLS, then 220 to STARTTLS). It answers a ClientHello that offers nothing
+    older than TLS 1.2 as OpenSSL does, with a protocol_version alert. asyncio's TLS layer
+    would close without sending that alert, so the handshake runs here over memory BIOs.
+    Counts ``handshakes_refused``.
+    """
+
+    def __init__(self, cert: trustme.LeafCert, *, mode: TlsMode) -> None:
+        super().__init__()
+        self.mode: TlsMode = mode
+        self.handshakes_refused = 0
+        self._context = legacy_tls_context(cert)
+
+    async def _behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "starttls":
+            writer.write(LEGACY_BANNER)
+            await reader.readline()  # EHLO
+            writer.write(LEGACY_EHLO_REPLY)
+            await reader.readline()  # STARTTLS
+            writer.write(LEGACY_STARTTLS_REPLY)
+        await self._handshake(reader, writer)
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self._context.wrap_bio(incoming, outgoing, server_side=True)
+        while data := await reader.read(_READ_SIZE):
+            incoming.write(data)
+            try:
+                tls.do_handshake()
+                return  # a TLS 1.0/1.1 client: nothing more to show it
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError:
+                self.handshakes_refused += 1
+                return
+            finally:
+                writer.write(outgoing.read())  # our handshake records, or the alert
+                await writer.drain()
 
 
 # --------------------------------------------------------------------------- factories

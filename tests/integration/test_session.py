@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trustme
 
+from smtp_session.tasks.classify import LEGACY_TLS_HINT, LEGACY_TLS_MESSAGE
 from smtp_session.tasks.outcome import Outcome, TlsInfo
 from smtp_session.tasks.session import RetryPolicy, open_session
 from smtp_session.tasks.trust_memory import TrustMemory
@@ -201,9 +202,11 @@ async def test_unknown_ca_fails_in_both_modes_and_shows_the_certificate(
         "starttls",
         False,
     )
-    assert outcome.err_message.startswith("certificate verify failed: ")
+    # Its CA is neither sent nor trusted (tests/integration/test_chains.py has the rest).
+    assert outcome.err_message.startswith("certificate verify failed: incomplete chain: ")
     assert outcome.err_message.endswith("(native and portable trust)")
-    assert outcome.hint == "add the issuing CA with ca_file"
+    assert outcome.hint is not None
+    assert outcome.hint.startswith("fix the server's chain: ")
     assert outcome.attempts == 1
     tls = outcome.tls
     assert tls is not None
@@ -372,20 +375,25 @@ async def test_a_greeting_in_the_last_stretch_cancels_the_probe(
 
 
 @pytest.mark.parametrize(
-    ("behaviour", "message"),
+    ("behaviour", "message", "hint"),
     [
-        ("tls_alert_unrecognized_name", "TLS handshake failed: tlsv1 unrecognized name"),
-        ("tls_alert_protocol_version", "TLS handshake failed: tlsv1 alert protocol version"),
+        ("tls_alert_unrecognized_name", "TLS handshake failed: tlsv1 unrecognized name", None),
+        (
+            "tls_alert_protocol_version",
+            f"{LEGACY_TLS_MESSAGE} (tlsv1 alert protocol version)",
+            LEGACY_TLS_HINT,
+        ),
     ],
 )
 async def test_a_tls_alert_is_no_evidence_of_a_plaintext_port(
-    raw_server_factory: RawServerFactory, behaviour: RawBehaviour, message: str
+    raw_server_factory: RawServerFactory, behaviour: RawBehaviour, message: str, hint: str | None
 ) -> None:
     server = await raw_server_factory(behaviour)
     outcome = await session(server.port, security="tls", tls_name="mx.example", retries=2)
     assert (outcome.error, outcome.stage, outcome.attempts) == ("tls_handshake", "tls", 1)
     assert outcome.err_message == message
-    assert outcome.hint is None  # the port speaks TLS: "try security=starttls" would be wrong
+    # The port speaks TLS: "try security=starttls" would be wrong; the legacy TLS hint is not.
+    assert outcome.hint == hint
     assert server.connections_accepted == 1  # a TLS answer is no reason to probe
 
 
