@@ -415,15 +415,17 @@ def check(address: str, as_json: bool, verbose: bool, **options: Any) -> None:
     """
     from smtp_session.tasks.session import open_session
 
-    settings = _settings_or_exit(verbose=verbose)
+    settings = _settings_or_exit(verbose=verbose, runs_sessions=True)
     fields = {**settings.request_defaults(), **request_fields(address, options)}
     emit(asyncio.run(open_session(fields, extra_ca_file=settings.extra_ca_file)), as_json=as_json)
 
 
-def _settings_or_exit(*, verbose: bool | None = None) -> Settings:
+def _settings_or_exit(*, verbose: bool | None = None, runs_sessions: bool = False) -> Settings:
     """The settings (exit 2 naming the variable); logging configured unless `verbose` is None."""
     try:
         settings = load_settings()
+        if runs_sessions:
+            settings.check_ca_file()
     except InvalidSettings as exc:
         fail(f"invalid setting {exc}", EXIT_INVALID)
     if verbose is not None:
@@ -601,7 +603,7 @@ def worker(beat: bool, concurrency: int | None, loglevel: str) -> None:
     setting or targets file, a data dir another worker holds, or a /metrics port that
     cannot be bound.
     """
-    settings = _settings_or_exit()
+    settings = _settings_or_exit(runs_sessions=True)
     if settings.targets is not None:
         _load_targets_or_exit(settings.targets, max_timeout=settings.max_timeout)
     argv = [sys.executable, "-m", "celery", "-A", "smtp_session.worker.app", "worker"]
@@ -716,7 +718,7 @@ def sweep(targets_path: Path | None, concurrency: int | None, as_json: bool, ver
     from smtp_session.tasks.sweep import with_defaults
     from smtp_session.tasks.trust_memory import TrustMemory
 
-    settings = _settings_or_exit(verbose=verbose)
+    settings = _settings_or_exit(verbose=verbose, runs_sessions=True)
     path = targets_path or settings.targets
     if path is None:
         fail(f"no targets: pass --targets FILE or set {ENV_PREFIX}TARGETS", EXIT_INVALID)

@@ -114,6 +114,18 @@ class Settings(BaseSettings):
 
         return resolver_for(parse_nameservers(self.dns_servers))
 
+    def check_ca_file(self) -> None:
+        """Raise InvalidSettings when SMTP_SESSION_CA_FILE cannot be used: checked when a
+        process that runs sessions starts (worker, check, sweep), not by every command."""
+        from smtp_session.tasks.trust import ca_file_problem, read_ca_file  # the TLS stack
+
+        if self.ca_file is not None:
+            try:
+                read_ca_file(str(self.ca_file))
+            except (OSError, ValueError) as exc:
+                problem = f"{str(self.ca_file)!r}: {ca_file_problem(exc)}"
+                raise InvalidSettings(f"{ENV_PREFIX}CA_FILE", problem) from None
+
     @property
     def egress_policy(self) -> EgressPolicy:
         """Where requests from the queue may connect."""
@@ -124,21 +136,6 @@ class Settings(BaseSettings):
     def _ca_file_needs_portable_trust(self) -> Settings:
         if self.ca_file is not None and self.trust == "native":
             raise ValueError(f"ca_file: {NATIVE_IGNORES_CA_FILE}")
-        return self
-
-    @model_validator(mode="after")
-    def _ca_file_is_readable(self) -> Settings:
-        # Read at start: a missing or unusable CA file is the operator's to fix now, not a
-        # failure of every session later. (Imported here: the TLS stack is heavy to load.)
-        from smtp_session.tasks.trust import ca_file_problem, read_ca_file
-
-        if self.ca_file is not None:
-            try:
-                read_ca_file(str(self.ca_file))
-            except (OSError, ValueError) as exc:
-                raise ValueError(
-                    f"ca_file: {str(self.ca_file)!r}: {ca_file_problem(exc)}"
-                ) from None
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from smtp_session.monitoring.exporter import start_exporter
 from smtp_session.monitoring.logging import configure_logging
 from smtp_session.tasks.celery_tasks import process_metrics
 from smtp_session.worker.data_dir import DataDirInUse, claim
-from smtp_session.worker.settings import Settings
+from smtp_session.worker.settings import InvalidSettings, Settings
 
 log = structlog.get_logger("smtp_session.worker")
 EXIT_CONFIG = 2  # as the CLI's exit code for unusable settings
@@ -104,7 +104,13 @@ def _claim_data_dir(options: dict[str, Any] | None = None, **_: Any) -> None:
             "use `smtp-session worker --beat` (or --embedded-beat)",
         )
         os._exit(EXIT_CONFIG)
-    data_dir = _current().data_dir
+    settings = _current()
+    try:
+        settings.check_ca_file()  # `celery -A … worker` too: a worker that runs sessions
+    except InvalidSettings as exc:
+        log.critical("worker.invalid_setting", variable=exc.variable, message=str(exc))
+        os._exit(EXIT_CONFIG)
+    data_dir = settings.data_dir
     try:
         claim(data_dir)
     except DataDirInUse as exc:

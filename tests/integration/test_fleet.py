@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,21 @@ async def test_client_validates_submits_and_reads_the_outcome(
     assert isinstance(outcome, Outcome)
     assert outcome.ok
     assert (outcome.host, outcome.port, outcome.attempts) == (server.host, server.port, 1)
+
+
+async def test_a_celery_worker_with_an_unusable_ca_file_stops_naming_it(
+    start_worker: WorkerFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)  # a blocking read would hang the worker's first session, not its start
+    env = worker_env(
+        tmp_path / "data",
+        {"SMTP_SESSION_BROKER_URL": redis_server.url, "SMTP_SESSION_CA_FILE": str(fifo)},
+    )
+    worker = start_worker(env=env, celery_cli=True)
+
+    code = await asyncio.to_thread(worker.wait_exit, timeout=START_TIMEOUT)
+
+    assert code == 2
+    refusal = worker.wait_for_line("worker.invalid_setting", timeout=START_TIMEOUT)
+    assert "SMTP_SESSION_CA_FILE" in refusal and "is not a regular file" in refusal

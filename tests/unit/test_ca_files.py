@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from smtp_session.tasks.trust import MAX_CA_FILE, read_ca_file, verifying_context
-from smtp_session.worker.settings import InvalidSettings, load_settings
+from smtp_session.worker.settings import InvalidSettings, Settings
 
 
 def trusts(path: Path, ca: trustme.CA) -> bool:
@@ -70,14 +70,11 @@ def test_only_the_certificates_are_kept(tmp_path: Path) -> None:
     assert text == ca.cert_pem.bytes().decode().strip()
 
 
-def test_an_unusable_ca_file_setting_stops_at_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_unusable_ca_file_setting_is_named(tmp_path: Path) -> None:
     fifo = tmp_path / "ca.fifo"
     os.mkfifo(fifo)
-    monkeypatch.setenv("SMTP_SESSION_CA_FILE", str(fifo))
-    with pytest.raises(InvalidSettings, match="is not a regular file"):
-        load_settings()
-    monkeypatch.setenv("SMTP_SESSION_CA_FILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(InvalidSettings, match=r"SMTP_SESSION_CA_FILE: .*is not a regular file"):
+        Settings(ca_file=fifo).check_ca_file()
     with pytest.raises(InvalidSettings, match="No such file or directory"):
-        load_settings()
+        Settings(ca_file=tmp_path / "missing.pem").check_ca_file()
+    Settings(ca_file=None).check_ca_file()  # none: nothing to check
