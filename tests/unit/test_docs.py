@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from smtp_session.monitoring.metrics import SessionMetrics
 from smtp_session.tasks.contract import CHECK_TARGET_TASK, OPEN_TASK, SWEEP_TASK
 from smtp_session.tasks.errors import ErrorCategory
-from smtp_session.tasks.outcome import json_schema
+from smtp_session.tasks.outcome import Outcome, json_schema
 from smtp_session.tasks.provider_replies import REPLY_HINTS
 from smtp_session.tasks.request import SessionRequest
 from smtp_session.worker.cli import main
@@ -140,3 +140,21 @@ def test_no_link_points_outside_the_repository(path: Path) -> None:
                 continue  # a web address, not a file of ours
             assert (path.parent / target).resolve().is_relative_to(REPO), target
             assert (path.parent / target).exists(), f"{path}: broken link {target}"
+
+
+def _keys(data: object) -> object:
+    """The nested key structure of a JSON value (dicts only; lists by their first item)."""
+    if isinstance(data, dict):
+        return {key: _keys(value) for key, value in data.items()}
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        return [_keys(data[0])]
+    return None
+
+
+def test_the_outcome_examples_are_whole_outcomes() -> None:
+    # "Every field is always present": each example shows every field the model writes.
+    examples = re.findall(r"```json\n(\{\n  \"schema\": 1,.*?\n\})\n```", page("outcome.md"), re.S)
+    assert len(examples) >= 2
+    for text in examples:
+        data = json.loads(text)
+        assert _keys(Outcome.from_dict(data).to_dict()) == _keys(data)
