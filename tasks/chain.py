@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from smtp_session.tasks.classify import quote_reply
+from smtp_session.tasks.server_text import quote_reply
 from smtp_session.tasks.trust import UNREADABLE
 
 

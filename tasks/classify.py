@@ -23,6 +23,7 @@ from aiosmtplib import (
 
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
 from smtp_session.tasks.secrets import Credentials, redact
+from smtp_session.tasks.server_text import quote_reply
 
 # OpenSSL X509_V_ERR_* codes: what `ssl` reports in `verify_code`, here and with
 # truststore on Linux (which verifies with OpenSSL).
@@ -111,9 +112,6 @@ LEGACY_TLS_HINT = (
     "and this client never negotiates them"
 )
 
-# Room for a provider's whole refusal, every line of it: Gmail's two-line 535 with its
-# help link, Microsoft's 5.7.139 with its link and server stamp (about 240 characters).
-MAX_QUOTED_REPLY = 300
 _E = TypeVar("_E", bound=BaseException)
 _ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 #: Enhanced codes that refuse the sender for lack of Send As rights, after DATA
@@ -186,15 +184,6 @@ def _find(exc: BaseException, kind: type[_E]) -> _E | None:
         if isinstance(link, kind):
             return link
     return None
-
-
-def quote_reply(text: str) -> str:
-    """A server's words made safe for one log line: printable, single-line, bounded."""
-    flat = " / ".join(line.strip() for line in text.splitlines() if line.strip())
-    printable = "".join(ch if ch.isprintable() else "?" for ch in flat)
-    if len(printable) > MAX_QUOTED_REPLY:
-        return printable[:MAX_QUOTED_REPLY] + "…"
-    return printable
 
 
 def _reply_failure(

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import httpx2
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 
-from smtp_session.tasks.classify import exception_chain, quote_reply
+from smtp_session.tasks.classify import exception_chain
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure
 from smtp_session.tasks.secrets import Credentials, OAuth2Client, redact
+from smtp_session.tasks.server_text import quote_reply
 from smtp_session.tasks.trust import TrustMode, verifying_context
 
 #: Seconds before `expires_in` runs out at which a cached token is no longer handed out:

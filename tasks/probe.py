@@ -19,8 +19,8 @@ import ssl
 from dataclasses import dataclass
 from enum import StrEnum
 
-from smtp_session.tasks.classify import quote_reply
 from smtp_session.tasks.resolve import connect_first, literal_address
+from smtp_session.tasks.server_text import quote_reply
 
 #: The longest a probe takes: a live port answers within a round trip or two.
 PROBE_SECONDS = 1.0

@@ -35,7 +35,6 @@ from smtp_session.tasks.classify import (
     STAGE_ACTIVITY,
     Failure,
     classify,
-    quote_reply,
 )
 from smtp_session.tasks.client_auth import asked_for_certificate
 from smtp_session.tasks.egress import DestinationLimit, EgressPolicy
@@ -69,6 +68,7 @@ from smtp_session.tasks.resolve import (
     resolve,
 )
 from smtp_session.tasks.secrets import Credentials, redact, resolve_credentials
+from smtp_session.tasks.server_text import keywords, quote_reply
 from smtp_session.tasks.transcript import Transcript
 from smtp_session.tasks.trust import (
     SMTPClient,
@@ -521,8 +521,8 @@ class _Connection:
         )
         self.server = ServerInfo(
             banner=self.banner,
-            extensions=[name.upper() for name in smtp.esmtp_extensions],
-            auth_mechanisms=[name.upper() for name in smtp.server_auth_methods],
+            extensions=keywords(list(smtp.esmtp_extensions)),
+            auth_mechanisms=keywords(smtp.server_auth_methods),
             size_limit=int(size) if size.isascii() and size.isdigit() and len(size) < 20 else None,
             auth_before_tls=self.auth_before_tls,
         )

@@ -28,6 +28,7 @@ from OpenSSL import SSL
 from smtp_session.tasks.client_auth import watch
 from smtp_session.tasks.outcome import CertInfo, ChainCert
 from smtp_session.tasks.resolve import connect_first, is_ip_literal, literal_address
+from smtp_session.tasks.server_text import bounded, printable
 from smtp_session.tasks.transcript import Transcript
 
 TrustMode = Literal["native", "portable"]
@@ -198,17 +199,27 @@ def _signature_algorithm(certificate: x509.Certificate) -> str:
 def _describe(certificate: x509.Certificate) -> CertInfo:
     key_type, key_bits, key_curve = _key(certificate)
     return CertInfo(
-        subject=certificate.subject.rfc4514_string(),
-        issuer=certificate.issuer.rfc4514_string(),
+        subject=name_text(certificate.subject),
+        issuer=name_text(certificate.issuer),
         not_before=certificate.not_valid_before_utc.strftime(_TIMESTAMP),
         not_after=certificate.not_valid_after_utc.strftime(_TIMESTAMP),
-        sans=_names(certificate),
+        sans=[bounded(printable(name), MAX_NAME) for name in _names(certificate)[:MAX_SANS]],
         sha256=certificate.fingerprint(hashes.SHA256()).hex(),
         key_type=key_type,
         key_bits=key_bits,
         key_curve=key_curve,
         signature_algorithm=_signature_algorithm(certificate),
     )
+
+
+#: A name in a certificate as an Outcome shows it, and how many SANs it lists at most.
+MAX_NAME = 256
+MAX_SANS = 100
+
+
+def name_text(name: x509.Name) -> str:
+    """An RFC 4514 name, made printable and bounded (a certificate may hold any bytes)."""
+    return bounded(printable(name.rfc4514_string()), MAX_NAME)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -227,8 +238,8 @@ def describe_chain(presented: Sequence[x509.Certificate]) -> CertInfo | None:
     try:
         chain = [
             ChainCert(
-                subject=certificate.subject.rfc4514_string(),
-                issuer=certificate.issuer.rfc4514_string(),
+                subject=name_text(certificate.subject),
+                issuer=name_text(certificate.issuer),
                 not_after=certificate.not_valid_after_utc.strftime(_TIMESTAMP),
                 sha256=certificate.fingerprint(hashes.SHA256()).hex(),
             )

@@ -28,9 +28,9 @@ import structlog
 import trustme
 from structlog.tracebacks import ExceptionDictTransformer
 
-from smtp_session.tasks.classify import MAX_QUOTED_REPLY
 from smtp_session.tasks.errors import InvalidRequest
 from smtp_session.tasks.secrets import REDACTED, SECRETS_DIR_VARIABLE, Credentials, env_variable
+from smtp_session.tasks.server_text import MAX_QUOTED_REPLY
 from smtp_session.tasks.session import open_session, prepare
 from tests.cli import cli_env, log_events, run_cli
 from tests.integration.test_cli_check import EHLO

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.utils import CryptographyDeprecationWarning
 
 from smtp_session.tasks.chain import ChainFault, ChainProblem, diagnose
-from smtp_session.tasks.classify import MAX_QUOTED_REPLY
 from smtp_session.tasks.errors import Stage
 from smtp_session.tasks.outcome import Outcome
+from smtp_session.tasks.server_text import MAX_QUOTED_REPLY
 from smtp_session.tasks.trust import describe_chain, portable_anchors
 from tests.certificates import (
     BASIC_CONSTRAINTS_OID,

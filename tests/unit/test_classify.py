@@ -16,8 +16,9 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from smtp_session.tasks.classify import MAX_QUOTED_REPLY, NOT_TLS_REASONS, classify, quote_reply
+from smtp_session.tasks.classify import NOT_TLS_REASONS, classify
 from smtp_session.tasks.errors import ErrorCategory, SessionFailure, Stage
+from smtp_session.tasks.server_text import MAX_QUOTED_REPLY, quote_reply
 
 
 def _cert_error(code: int, message: str) -> ssl.SSLCertVerificationError:

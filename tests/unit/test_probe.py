@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from smtp_session.tasks.classify import MAX_QUOTED_REPLY
 from smtp_session.tasks.probe import (
     MAX_PROBE_BYTES,
     PortEvidence,
@@ -12,6 +11,7 @@ from smtp_session.tasks.probe import (
     client_hello,
     judge,
 )
+from smtp_session.tasks.server_text import MAX_QUOTED_REPLY
 
 TLS = PortEvidence(Speaks.TLS)
 

@@ -15,7 +15,7 @@ from aiosmtplib import SMTPAuthenticationError, SMTPResponseException
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from smtp_session.tasks.classify import MAX_QUOTED_REPLY, classify
+from smtp_session.tasks.classify import classify
 from smtp_session.tasks.errors import ErrorCategory, Stage
 from smtp_session.tasks.secrets import (
     MIN_BARE_SECRET,
@@ -25,6 +25,7 @@ from smtp_session.tasks.secrets import (
     redact,
     secret_forms,
 )
+from smtp_session.tasks.server_text import MAX_QUOTED_REPLY
 
 USER = "alice"
 LONG_PASSWORD = "Tr0ub4dor&3-correct-horse-battery-staple-" * 2 + "x" * 6  # 88 characters
