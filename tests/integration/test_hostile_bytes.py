@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from smtp_session.tasks.session import open_session
+from tests.certificates import server_cert
 from tests.cli import cli_env, run_cli
-from tests.servers import LOOPBACK
+from tests.servers import LOOPBACK, server_ssl_context
 
 #: Sets a terminal's title, then rings it: what a server must never get to do.
 ESCAPE = b"\x1b]0;OWNED\x07"
@@ -85,38 +81,9 @@ async def test_check_prints_nothing_hostile(as_json: bool, tmp_path: Path) -> No
         assert json.loads(run.stdout)["ok"] is True
 
 
-def hostile_certificate(tmp_path: Path) -> ssl.SSLContext:
-    """A server context presenting a self-signed certificate named with escape bytes."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTILE_NAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTILE_NAME)]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_path, key_path)
-    return context
-
-
 async def test_a_certificate_named_with_escape_bytes_is_shown_clean(tmp_path: Path) -> None:
-    async with hostile_server(hostile_certificate(tmp_path)) as port:
+    cert = server_cert(common_name=HOSTILE_NAME)  # self-signed
+    async with hostile_server(server_ssl_context(cert)) as port:
         outcome = await open_session(
             {"host": LOOPBACK, "port": port, "security": "tls", "retries": 0}
         )
