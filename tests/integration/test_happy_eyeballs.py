@@ -69,8 +69,27 @@ def blackholes(*hosts: str) -> Iterator[list[Blackhole]]:
             hole.close()
 
 
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def sockets_to(holes: list[Blackhole]) -> int:
+    """This process's TCP sockets whose peer is one of the holes' listeners.
+
+    Only these: other threads of the test process open and close descriptors of their own
+    meanwhile. A socket's inode, from /proc/self/fd, is looked up in the kernel's tables.
+    """
+    ports = {hole.listener.getsockname()[1] for hole in holes}
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table, encoding="ascii") as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                count += remote_port in ports and fields[9] in inodes
+    return count
 
 
 async def make_room_once_tried(holes: list[Blackhole], tried: list[str]) -> None:
@@ -93,12 +112,13 @@ async def race(
     """
     loop = asyncio.get_running_loop()
     helper = asyncio.create_task(make_room_once_tried(late, tried))
-    before = open_descriptors()
+    before = sockets_to(holes)
+    assert before == len(holes)  # each hole's filler: what is counted is what is open
     started = loop.time()
     try:
         sock = await connect_first([hole.address for hole in holes], started + budget, tried)
     except TimeoutError:
-        assert open_descriptors() == before
+        assert sockets_to(holes) == before
         return None, loop.time() - started
     finally:
         helper.cancel()
@@ -106,7 +126,7 @@ async def race(
             await helper
     elapsed = loop.time() - started
     with sock:
-        assert open_descriptors() == before + 1  # the winner's socket, nothing else
+        assert sockets_to(holes) == before + 1  # the winner's socket, nothing else
         return str(sock.getpeername()[0]), elapsed
 
 
