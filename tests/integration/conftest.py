@@ -27,6 +27,8 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.rabbitmq import RabbitMQServer
+
 BIN = Path(sys.executable).parent
 APP = "smtp_session.worker.app"  # what `celery -A` names
 REDIS_SERVER = "redis-server"  # from PATH (Debian: /usr/bin)
@@ -210,6 +212,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    """A started RabbitMQ, one per test module (it takes seconds to start)."""
+    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
+    server.start()
+    yield server
+    server.close()
 
 
 # ----------------------------------------------------------------------------- worker
