@@ -11,6 +11,7 @@ tail, which pytest shows only when the test failed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,6 +28,7 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.brokers import GatedServer
 from tests.rabbitmq import RabbitMQServer
 
 BIN = Path(sys.executable).parent
@@ -390,6 +392,24 @@ def wait_until_ready(client: Celery, worker: WorkerProcess, *, timeout: float) -
         if not worker.running:
             raise RuntimeError(f"worker exited early:\n{worker.output()}")
     raise TimeoutError(f"worker not ready after {timeout} s:\n{worker.output()}")
+
+
+async def ready_worker(
+    start_worker: WorkerFactory, client: Celery, env: Mapping[str, str], **options: Any
+) -> WorkerProcess:
+    """A worker started with `env` (and start_worker's `options`), answering pings."""
+    worker = start_worker(env=env, **options)
+    await asyncio.to_thread(wait_until_ready, client, worker, timeout=START_TIMEOUT)
+    return worker
+
+
+@pytest.fixture
+async def gated_server() -> AsyncIterator[GatedServer]:
+    """A started :class:`GatedServer`: its sessions begin at ``open_gate()``."""
+    server = GatedServer()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 def running_task(client: Celery, task_id: str, *, timeout: float) -> dict[str, Any]:

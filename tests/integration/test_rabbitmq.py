@@ -7,7 +7,7 @@ Results go to the worker's own file backend (`enqueue` on the same data dir) or 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +18,9 @@ from smtp_session.worker.client import result, submit
 from tests.brokers import GatedServer
 from tests.cli import run_cli
 from tests.integration.conftest import (
-    START_TIMEOUT,
     RedisServer,
     WorkerFactory,
-    WorkerProcess,
-    wait_until_ready,
+    ready_worker,
     worker_env,
 )
 from tests.rabbitmq import RabbitMQServer
@@ -51,22 +49,6 @@ def web_backend(rabbitmq: RabbitMQServer, redis_server: RedisServer) -> Iterator
     app = Celery("web-backend", broker=rabbitmq.url, backend=redis_server.url)
     yield app
     app.close()
-
-
-@pytest.fixture
-async def gated_server() -> AsyncIterator[GatedServer]:
-    server = GatedServer()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-async def ready_worker(
-    start_worker: WorkerFactory, client: Celery, env: dict[str, str]
-) -> WorkerProcess:
-    worker = start_worker(env=env)
-    await asyncio.to_thread(wait_until_ready, client, worker, timeout=START_TIMEOUT)
-    return worker
 
 
 async def test_enqueue_wait_on_rabbitmq_reads_the_workers_file_results(

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from celery import Celery
 
 from smtp_session.tasks.outcome import Outcome
@@ -35,14 +33,6 @@ SESSION_TIMEOUT = 30
 WAIT_TIMEOUT = 60.0
 #: What the worker logs each time it cannot store a result yet (Celery's own words).
 STORE_RETRY_LINE = r"Failed operation _store_result"
-
-
-@pytest.fixture
-async def gated_server() -> AsyncIterator[GatedServer]:
-    server = GatedServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_a_redis_restart_while_sessions_run_loses_no_result_and_no_waiting_client(

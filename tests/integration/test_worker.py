@@ -34,6 +34,7 @@ from tests.integration.conftest import (
     WorkerFactory,
     WorkerProcess,
     child_processes,
+    ready_worker,
     running_task,
     wait_until_ready,
     worker_env,
@@ -193,15 +194,6 @@ async def test_421_is_retried_through_celery_with_the_same_task_id(
     assert result.state == "SUCCESS"
     with redis_server.client() as client:
         assert client.keys("celery-task-meta-*") == [f"celery-task-meta-{result.id}".encode()]
-
-
-async def ready_worker(
-    start_worker: WorkerFactory, client: Celery, env: dict[str, str], **options: Any
-) -> WorkerProcess:
-    """A worker started with `env` (and start_worker's `options`), answering pings."""
-    worker = start_worker(env=env, **options)
-    await blocking(lambda: wait_until_ready(client, worker, timeout=START_TIMEOUT))
-    return worker
 
 
 def send_opens(client: Celery, count: int, **fields: Any) -> list[AsyncResult]:
