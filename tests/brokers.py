@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from smtp_session.tasks.outcome import Outcome
 from tests.servers import RawServer
 
 
@@ -31,3 +32,12 @@ class GatedServer(RawServer):
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._gate.wait()
         await super()._serve(reader, writer)
+
+
+def assert_ran_again(outcome: object, silent: RawServer, *, elapsed: float, within: float) -> None:
+    """A task whose worker was killed mid-session (on a ``silent`` server) ran once more,
+    to its end, within `within` seconds: a second connection, timed out again."""
+    assert elapsed < within, elapsed
+    assert silent.connections_accepted == 2
+    assert isinstance(outcome, Outcome)
+    assert (outcome.error, outcome.attempts) == ("timeout", 1), outcome

@@ -61,16 +61,6 @@ def redelivery_timeout(settings: Settings, items: list[SweepItem]) -> int:
 
 
 def _transport_options(settings: Settings, items: list[SweepItem]) -> dict[str, Any]:
-    if settings.embedded_broker:
-        queue = settings.data_dir / "broker" / "queue"
-        control = settings.data_dir / "broker" / "control"
-        for folder in (queue, control):
-            folder.mkdir(parents=True, exist_ok=True)
-        return {
-            "data_folder_in": str(queue),
-            "data_folder_out": str(queue),
-            "control_folder": str(control),
-        }
     return {
         "visibility_timeout": redelivery_timeout(settings, items),
         # Scan for expired messages every few seconds, not kombu's default 100 s.
@@ -104,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     targets = load_targets(settings.targets) if settings.targets is not None else []
     items = [target.sweep_item() for target in targets]
     check_target_timeouts(targets, settings.max_timeout)
-    if not settings.result_backend:
+    if settings.effective_result_backend.startswith("file://"):
         (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
     celery = Celery("smtp_session", include=["smtp_session.tasks.celery_tasks"])
     celery.conf.update(

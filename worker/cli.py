@@ -74,6 +74,8 @@ DEFAULT_WAIT_TIMEOUT = 120.0
 WORKER_NOTICE_AFTER = 5.0
 #: How long that question waits for the workers' answers.
 PING_TIMEOUT = 1.0
+#: Why the embedded broker cannot be reached: it lives in the worker.
+_NO_WORKER = "no worker runs there; start `smtp-session worker` with the same {prefix}DATA_DIR"
 #: Celery's result consumer, whose one message is misleading here (see `enqueue`).
 RESULT_CONSUMER_LOGGER = "celery.backends.asynchronous"
 
@@ -404,8 +406,10 @@ def enqueue(
             return
         outcome = _wait_for_outcome(app, settings, task_id, timeout=wait_timeout, broker=broker)
     except OperationalError as exc:
+        # The embedded broker runs inside the worker: no worker, no broker.
+        why = f"{exc}" if not settings.embedded_broker else _NO_WORKER.format(prefix=ENV_PREFIX)
         fail(
-            f"cannot reach {broker} (--broker-timeout {broker_timeout:g} s): {exc}", EXIT_NO_OUTCOME
+            f"cannot reach {broker} (--broker-timeout {broker_timeout:g} s): {why}", EXIT_NO_OUTCOME
         )
     emit(outcome, as_json=as_json)
 

@@ -26,6 +26,7 @@ from smtp_session.tasks.request import (
     NATIVE_IGNORES_CA_FILE,
     Trust,
 )
+from smtp_session.worker import embedded_broker
 
 ENV_PREFIX = "SMTP_SESSION_"
 APP_NAME = "smtp-session"
@@ -129,15 +130,15 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        # A host name, even though the transport has no server: kombu warns without one.
-        return self.broker_url or "filesystem://localhost//"
+        return self.broker_url or embedded_broker.url(self.data_dir)
 
     @property
     def effective_result_backend(self) -> str:
         if self.result_backend:
             return self.result_backend
-        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "redis+")):
-            return self.broker_url  # Redis is both broker and result store
+        broker = self.effective_broker_url
+        if broker.startswith(("redis://", "rediss://", "redis+")):
+            return broker  # Redis (or the embedded Valkey) is both broker and result store
         return f"file://{(self.data_dir / 'results').resolve()}"
 
     @property

@@ -52,10 +52,13 @@ LOG_TAIL = 200
 
 
 class RedisServer:
-    """``redis-server`` on a unix socket, no TCP, no persistence; can be restarted."""
+    """``redis-server`` on a unix socket, no TCP, no persistence unless asked; restartable."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, persistent: bool = False) -> None:
         self.folder = folder
+        # Persistent: an append-only file in `folder`, as production Redis should keep
+        # (bench/chaos.py restarts it with messages in it).
+        self.persistent = persistent
         self.socket_path = folder / "redis.sock"
         self.log_path = folder / "redis.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -91,7 +94,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
                 "--dir",
                 str(self.folder),
             ],
@@ -395,10 +398,18 @@ def wait_until_ready(client: Celery, worker: WorkerProcess, *, timeout: float) -
 
 
 async def ready_worker(
-    start_worker: WorkerFactory, client: Celery, env: Mapping[str, str], **options: Any
+    start_worker: WorkerFactory,
+    client: Celery,
+    env: Mapping[str, str],
+    *,
+    after: str | None = None,
+    **options: Any,
 ) -> WorkerProcess:
-    """A worker started with `env` (and start_worker's `options`), answering pings."""
+    """A worker started with `env` (and start_worker's `options`), answering pings; asked
+    only once it wrote a line matching `after`, if given (before it, pings would fail)."""
     worker = start_worker(env=env, **options)
+    if after is not None:
+        await asyncio.to_thread(worker.wait_for_line, after, timeout=START_TIMEOUT)
     await asyncio.to_thread(wait_until_ready, client, worker, timeout=START_TIMEOUT)
     return worker
 

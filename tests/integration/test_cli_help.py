@@ -69,7 +69,7 @@ async def test_sweep_and_worker_help_show_their_defaults(tmp_path: Path) -> None
     sweep = await help_text(tmp_path, "sweep")
     assert "[default: ($SMTP_SESSION_TARGETS)]" in sweep, sweep
     assert "($SMTP_SESSION_SWEEP_CONCURRENCY, else 100)" in sweep, sweep
-    assert "1 when any failed, 2 for an invalid targets file" in sweep, sweep
+    assert "1 when any is down" in sweep, sweep
 
     worker = await help_text(tmp_path, "worker")
     assert "($SMTP_SESSION_WORKER_CONCURRENCY, else 100)" in worker, worker
