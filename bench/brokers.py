@@ -30,6 +30,8 @@ OPEN_TASK = "smtp_session.open"
 BIN = Path(sys.executable).parent
 #: The worker's log line once it consumes (Celery's own).
 READY_LINE = r"celery@\S+ ready\."
+#: Characters of a worker's output shown when it does not start.
+LOG_TAIL = 3000
 #: Seconds between two looks at results that have not all arrived.
 POLL_INTERVAL = 0.05
 
@@ -45,6 +47,9 @@ class Setup:
     argv: list[str] = field(default_factory=lambda: [str(BIN / "smtp-session"), "worker"])
     runs: int = 0
 
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)  # the workers' logs go there
+
     def client(self) -> Celery:
         return Celery(f"bench-{self.name}", **self.client_conf)
 
@@ -53,7 +58,12 @@ class Setup:
         self.runs += 1
         argv = [*self.argv, f"--concurrency={concurrency}"]
         worker = WorkerProcess(argv, self.worker_env, self.folder / f"worker-{self.runs}.log")
-        worker.wait_for_line(READY_LINE, timeout=START_TIMEOUT)
+        try:
+            worker.wait_for_line(READY_LINE, timeout=START_TIMEOUT)
+        except TimeoutError:
+            worker.stop()
+            tail = worker.output()[-LOG_TAIL:]
+            raise RuntimeError(f"{self.name} worker not ready:\n{tail}") from None
         return worker
 
 

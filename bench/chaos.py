@@ -140,11 +140,13 @@ def main() -> None:
             ["--slow", str(SERVER_PORTS), *delays], folder / "servers.log"
         ) as servers:
             ports = servers.ports["slow"]
-            requests = [plain_request(ports[i % len(ports)]) for i in range(args.n)]
+            limit = {} if args.max_timeout is None else {"timeout": args.max_timeout}
+            requests = [plain_request(ports[i % len(ports)], **limit) for i in range(args.n)]
             for broker_name in args.only:
                 with broker(broker_name, folder / broker_name) as (setup, restart):
                     if args.max_timeout is not None:
-                        setup.worker_env["SMTP_SESSION_MAX_TIMEOUT"] = str(args.max_timeout)
+                        for setting in ("MAX_TIMEOUT", "TIMEOUT"):
+                            setup.worker_env[f"SMTP_SESSION_{setting}"] = str(args.max_timeout)
                     report[broker_name] = chaos(setup, restart, requests, args)
     print_table(
         f"{args.n} sessions of {3 * args.delay:g} s; whole worker SIGKILLed after "

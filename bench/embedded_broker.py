@@ -46,10 +46,11 @@ DEFAULT_SESSIONS = 500
 ROUNDS = 2
 SERVER_PORTS = 4
 DEFAULT_KILLED = 20
-DEFAULT_HOLD = 2.0
+DEFAULT_HOLD = 4.0
 DEFAULT_WAIT = 60.0
-#: How long after sending the kill comes: every session of the batch has begun.
-KILL_AFTER = 1.0
+#: How long after sending the kill comes: every session of the batch has begun (the
+#: SQLite and filesystem transports poll their queue once a second).
+KILL_AFTER = 2.5
 RESULT_TIMEOUT = 180.0
 
 

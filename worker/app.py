@@ -61,6 +61,8 @@ def redelivery_timeout(settings: Settings, items: list[SweepItem]) -> int:
 
 
 def _transport_options(settings: Settings, items: list[SweepItem]) -> dict[str, Any]:
+    if not settings.redis_broker:
+        return {}  # RabbitMQ acknowledges by itself: no visibility timeout to tune
     return {
         "visibility_timeout": redelivery_timeout(settings, items),
         # Scan for expired messages every few seconds, not kombu's default 100 s.

@@ -8,6 +8,8 @@ worker starts again on the same data dir, at once.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,12 +74,16 @@ async def test_enqueue_wait_meets_the_worker_through_the_data_dir(
     assert list(embedded_broker.folder(data_dir).glob("appendonly*")), "no append-only file"
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole worker", "main process only"])
 async def test_a_worker_killed_mid_task_gets_the_task_again_when_it_restarts(
     start_worker: WorkerFactory,
     client: Celery,
     raw_server_factory: RawServerFactory,
     data_dir: Path,
+    whole: bool,
 ) -> None:
+    # Killed whole, the worker takes its broker along; killed alone, it leaves its broker
+    # running, which the next worker shuts down before it starts its own.
     env = worker_env(data_dir)
     first = await ready_worker(start_worker, client, env, after=BROKER_UP)
     silent = await raw_server_factory("silent")
@@ -85,11 +91,15 @@ async def test_a_worker_killed_mid_task_gets_the_task_again_when_it_restarts(
     task_id = submit(client, **fields, ehlo_name=EHLO_NAME, timeout=HANG_TIMEOUT, retries=0)
     await silent.wait_connections(1, timeout=RESULT_TIMEOUT)  # mid-flight
 
-    first.stop()  # SIGKILL to the worker's whole process group, its broker included
+    if whole:
+        first.stop()  # SIGKILL to the worker's whole process group, its broker included
+    else:
+        os.kill(first.pid, signal.SIGKILL)
+        await asyncio.to_thread(first.wait_exit, timeout=START_TIMEOUT)
     loop = asyncio.get_running_loop()
     killed_at = loop.time()
     # The connections this process pooled for the broker's URL (kombu's pools are per URL,
-    # not per app) died with the broker: a new client, on new pools.
+    # not per app) die with the broker: a new client, on new pools.
     kombu.pools.reset()  # type: ignore[no-untyped-call]  # kombu is untyped
     url = embedded_broker.url(data_dir)
     with Celery("after-restart", broker=url, backend=url) as fresh:
