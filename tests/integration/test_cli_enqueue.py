@@ -74,6 +74,21 @@ async def test_unreachable_broker_with_wait_is_the_same_line(
     assert "cannot reach the broker" in run.stderr
 
 
+async def test_a_redis_that_went_down_is_the_same_line_within_the_broker_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    redis_server.stop()  # it ran, and is gone: its socket file too
+    env = cli_env(tmp_path, {BROKER_URL: redis_server.url})
+
+    run = await run_cli("enqueue", "smtp.example.com", "--wait", "--broker-timeout", "1", env=env)
+
+    assert run.code == EXIT_NO_OUTCOME, run
+    assert run.stdout == ""
+    (line,) = run.stderr.splitlines()
+    assert line.startswith(f"smtp-session: cannot reach the broker {redis_server.url} "), line
+    assert 1.0 <= run.elapsed < 1.0 + START_UP, run.elapsed
+
+
 async def test_wait_without_a_worker_says_so_and_ends_at_the_wait_timeout(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
