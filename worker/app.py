@@ -62,7 +62,7 @@ def redelivery_timeout(settings: Settings, items: list[SweepItem]) -> int:
 
 def _transport_options(settings: Settings, items: list[SweepItem]) -> dict[str, Any]:
     if not settings.redis_broker:
-        return {}  # RabbitMQ acknowledges by itself: no visibility timeout to tune
+        return {}  # a visibility timeout is Redis's alone (RabbitMQ requeues by itself)
     return {
         "visibility_timeout": redelivery_timeout(settings, items),
         # Scan for expired messages every few seconds, not kombu's default 100 s.
@@ -121,12 +121,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         # Retries waiting on their countdown, held by this worker: at most one per thread,
         # so that they all fit in the redelivery timeout (UNACKED_ROUNDS).
         worker_eta_task_limit=settings.worker_concurrency,
-        # The threads pool enforces no time limits: the tasks bound themselves (each
-        # session's deadlines, then tasks.background_loop's limit per task).
         # Sessions running when the broker connection drops run to their end (their result
         # is stored; on Redis their acknowledgement too, once it is back; on RabbitMQ the
         # broker has already requeued them: at-least-once, docs/tasks.md).
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # The threads pool enforces no time limits: the tasks bound themselves (each
+        # session's deadlines, then tasks.background_loop's limit per task).
         # A broker that is down at start or goes away later is waited for, forever.
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
