@@ -28,9 +28,11 @@ test: lint typecheck
 # Benchmarks, not tests (not part of `make test`): each script prints a table and its
 # ratios and writes bench/results/<name>.json. Loopback only, a few minutes in all.
 BENCH_STAMP   := $(VENV)/.bench-stamp
-BENCH_SCRIPTS := core_overhead sweep_scaling worker_path fallback_cost peers profile_core
-# redis-server for bench/worker_path.py; the peers of bench/peers.py.
-BENCH_DEBS    := redis-server prometheus-blackbox-exporter monitoring-plugins-basic
+BENCH_SCRIPTS := core_overhead sweep_scaling worker_path fallback_cost peers profile_core \
+                 embedded_broker chaos
+# redis-server for bench/worker_path.py and bench/chaos.py, rabbitmq-server for the latter;
+# the peers of bench/peers.py.
+BENCH_DEBS    := redis-server rabbitmq-server prometheus-blackbox-exporter monitoring-plugins-basic
 CHECK_SMTP    := /usr/lib/nagios/plugins/check_smtp
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
@@ -41,6 +43,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # so, and bench/peers.py reports and skips the peer it cannot find.
 bench-deps:
 	@if command -v redis-server >/dev/null && command -v prometheus-blackbox-exporter >/dev/null \
+	    && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] \
 	    && [ -x $(CHECK_SMTP) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

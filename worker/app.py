@@ -18,7 +18,7 @@ from smtp_session.tasks.celery_tasks import SETTINGS_ATTRIBUTE, TARGETS_ATTRIBUT
 from smtp_session.tasks.contract import CHECK_TARGET_TASK, attempt_time_limit
 from smtp_session.tasks.session import MAX_BACKOFF
 from smtp_session.tasks.sweep import SweepItem, time_limit, with_defaults
-from smtp_session.worker import embedded_beat, signals
+from smtp_session.worker import embedded_beat, redis_transport, signals
 from smtp_session.worker.settings import Settings, load_settings
 from smtp_session.worker.targets import Target, check_target_timeouts, load_targets
 
@@ -32,6 +32,9 @@ UNACKED_ROUNDS = 3
 VISIBILITY_MARGIN = 10.0
 #: Seconds between the worker's scans for messages a killed worker left unacknowledged.
 RESTORE_INTERVAL = 5
+#: Longest pause, in milliseconds, between two attempts to store a result while the result
+#: store is away: a result arrives within a second of the store's return.
+RESULT_RETRY_MAX_MS = 1000
 
 
 def longest_task(settings: Settings, items: list[SweepItem]) -> float:
@@ -58,16 +61,8 @@ def redelivery_timeout(settings: Settings, items: list[SweepItem]) -> int:
 
 
 def _transport_options(settings: Settings, items: list[SweepItem]) -> dict[str, Any]:
-    if settings.embedded_broker:
-        queue = settings.data_dir / "broker" / "queue"
-        control = settings.data_dir / "broker" / "control"
-        for folder in (queue, control):
-            folder.mkdir(parents=True, exist_ok=True)
-        return {
-            "data_folder_in": str(queue),
-            "data_folder_out": str(queue),
-            "control_folder": str(control),
-        }
+    if not settings.redis_broker:
+        return {}  # a visibility timeout is Redis's alone (RabbitMQ requeues by itself)
     return {
         "visibility_timeout": redelivery_timeout(settings, items),
         # Scan for expired messages every few seconds, not kombu's default 100 s.
@@ -97,10 +92,11 @@ def beat_schedule(targets: list[Target]) -> dict[str, dict[str, Any]]:
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured for at-least-once delivery of session checks."""
     settings = settings or load_settings()
+    redis_transport.install()
     targets = load_targets(settings.targets) if settings.targets is not None else []
     items = [target.sweep_item() for target in targets]
     check_target_timeouts(targets, settings.max_timeout)
-    if not settings.result_backend:
+    if settings.effective_result_backend.startswith("file://"):
         (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
     celery = Celery("smtp_session", include=["smtp_session.tasks.celery_tasks"])
     celery.conf.update(
@@ -125,12 +121,26 @@ def create_app(settings: Settings | None = None) -> Celery:
         # Retries waiting on their countdown, held by this worker: at most one per thread,
         # so that they all fit in the redelivery timeout (UNACKED_ROUNDS).
         worker_eta_task_limit=settings.worker_concurrency,
+        # Sessions running when the broker connection drops run to their end (their result
+        # is stored; on Redis their acknowledgement too, once it is back; on RabbitMQ the
+        # broker has already requeued them: at-least-once, docs/tasks.md).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # The threads pool enforces no time limits: the tasks bound themselves (each
         # session's deadlines, then tasks.background_loop's limit per task).
         # A broker that is down at start or goes away later is waited for, forever.
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_expires=RESULT_EXPIRES,
+        # A result the store cannot take now (Redis restarts) is retried until it is
+        # stored, however long that takes: never turned into the FAILURE of a session that
+        # ran. The message stays unacknowledged meanwhile, so a worker that dies while it
+        # waits leaves the task to be delivered again.
+        result_backend_always_retry=True,
+        result_backend_max_sleep_between_retries_ms=RESULT_RETRY_MAX_MS,
+        # One try per call below those retries (Celery's default is 20 tries a second
+        # apart), so that a client waiting for a result (`enqueue --wait`) hears of a lost
+        # store at once and keeps waiting within its own deadline (worker.client).
+        result_backend_transport_options={"retry_policy": {"max_retries": 0}},
         # No STARTED state: one write to the result store per task, the outcome (the
         # second write cost about as much CPU as the session itself, bench/worker_path.py).
         task_track_started=False,

@@ -74,8 +74,10 @@ DEFAULT_WAIT_TIMEOUT = 120.0
 WORKER_NOTICE_AFTER = 5.0
 #: How long that question waits for the workers' answers.
 PING_TIMEOUT = 1.0
-#: The shortest wait handed to Celery: it reads 0 as "no timeout".
-MIN_WAIT = 0.05
+#: Why the embedded broker cannot be reached: it lives in the worker.
+_NO_WORKER = "no worker runs there; start `smtp-session worker` with the same {prefix}DATA_DIR"
+#: Celery's result consumer, whose one message is misleading here (see `enqueue`).
+RESULT_CONSUMER_LOGGER = "celery.backends.asynchronous"
 
 #: The failures whose outcome's certificate explains them; other failures print none.
 CERTIFICATE_ERRORS = frozenset(
@@ -495,6 +497,9 @@ def enqueue(
         fail(str(exc), EXIT_INVALID)
     from smtp_session.worker.client import submit
 
+    # Celery says "Retry limit exceeded … must be restarted" each time a lost result store
+    # does not answer yet; --wait waits for it all the same (worker.client.wait).
+    logging.getLogger(RESULT_CONSUMER_LOGGER).setLevel(logging.CRITICAL + 1)
     broker = _broker_name(app, settings)
     try:
         _reach_broker(app, timeout=broker_timeout)
@@ -504,8 +509,10 @@ def enqueue(
             return
         outcome = _wait_for_outcome(app, settings, task_id, timeout=wait_timeout, broker=broker)
     except OperationalError as exc:
+        # The embedded broker runs inside the worker: no worker, no broker.
+        why = f"{exc}" if not settings.embedded_broker else _NO_WORKER.format(prefix=ENV_PREFIX)
         fail(
-            f"cannot reach {broker} (--broker-timeout {broker_timeout:g} s): {exc}", EXIT_NO_OUTCOME
+            f"cannot reach {broker} (--broker-timeout {broker_timeout:g} s): {why}", EXIT_NO_OUTCOME
         )
     emit(outcome, as_json=as_json)
 
@@ -542,13 +549,14 @@ def _wait_for_outcome(
     from celery.result import AsyncResult
 
     from smtp_session.tasks.outcome import Outcome
+    from smtp_session.worker.client import MIN_WAIT, forget, wait
 
     deadline = time.monotonic() + timeout
     notice_after = min(WORKER_NOTICE_AFTER, timeout / 2)
     pending = AsyncResult(task_id, app=app)
     try:
         try:
-            return Outcome.from_dict(pending.get(timeout=notice_after))
+            return Outcome.from_dict(wait(pending, notice_after))
         except CeleryTimeoutError:
             pass
         click.echo(
@@ -557,15 +565,11 @@ def _wait_for_outcome(
             err=True,
         )
         try:
-            return Outcome.from_dict(
-                pending.get(timeout=max(deadline - time.monotonic(), MIN_WAIT))
-            )
+            return Outcome.from_dict(wait(pending, max(deadline - time.monotonic(), MIN_WAIT)))
         except CeleryTimeoutError:
             pass
     finally:
-        # Stop listening for the task now, as the result's own __del__ would: left to
-        # interpreter shutdown, that fails on a Redis result store with a traceback.
-        pending.backend.remove_pending_result(pending)
+        forget(pending)
     fail(
         f"no outcome for task {task_id} after {timeout:g} s (--wait-timeout); "
         "the task is not cancelled",

@@ -26,6 +26,7 @@ from smtp_session.tasks.request import (
     NATIVE_IGNORES_CA_FILE,
     Trust,
 )
+from smtp_session.worker import embedded_broker
 
 if TYPE_CHECKING:
     import dns.asyncresolver
@@ -35,6 +36,8 @@ APP_NAME = "smtp-session"
 DEFAULT_METRICS_PORT = 9808
 DEFAULT_MAX_TIMEOUT = 30.0
 MAX_WORKER_CONCURRENCY = 2000
+#: Broker URLs of a Redis server (kombu's spellings).
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+")
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the worker from elsewhere
 
 
@@ -162,15 +165,19 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        # A host name, even though the transport has no server: kombu warns without one.
-        return self.broker_url or "filesystem://localhost//"
+        return self.broker_url or embedded_broker.url(self.data_dir)
+
+    @property
+    def redis_broker(self) -> bool:
+        """Whether the broker speaks Redis: a Redis server, or the embedded Valkey."""
+        return self.effective_broker_url.startswith(REDIS_SCHEMES)
 
     @property
     def effective_result_backend(self) -> str:
         if self.result_backend:
             return self.result_backend
-        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "redis+")):
-            return self.broker_url  # Redis is both broker and result store
+        if self.redis_broker:
+            return self.effective_broker_url  # Redis is both broker and result store
         return f"file://{(self.data_dir / 'results').resolve()}"
 
     @property

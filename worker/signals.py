@@ -22,12 +22,15 @@ from celery.worker import state as worker_state
 from smtp_session.monitoring.exporter import start_exporter
 from smtp_session.monitoring.logging import configure_logging
 from smtp_session.tasks.celery_tasks import process_metrics
+from smtp_session.worker import embedded_broker
 from smtp_session.worker.data_dir import DataDirInUse, claim
 from smtp_session.worker.settings import InvalidSettings, Settings
 
 log = structlog.get_logger("smtp_session.worker")
 EXIT_CONFIG = 2  # as the CLI's exit code for unusable settings
 _installed: dict[str, Settings] = {}
+# The embedded broker this worker runs (none on Redis or RabbitMQ).
+_brokers: list[Any] = []
 
 
 def install(settings: Settings) -> None:
@@ -116,6 +119,25 @@ def _claim_data_dir(options: dict[str, Any] | None = None, **_: Any) -> None:
     except DataDirInUse as exc:
         log.critical("worker.data_dir_in_use", data_dir=str(data_dir), message=str(exc))
         os._exit(EXIT_CONFIG)
+    if settings.embedded_broker:
+        _start_embedded_broker(settings)
+
+
+def _start_embedded_broker(settings: Settings) -> None:
+    """The data dir's broker, before the consumer first connects (the lock is ours)."""
+    try:
+        _brokers.append(embedded_broker.start(settings.data_dir))
+    except (embedded_broker.EmbeddedBrokerError, OSError) as exc:
+        log.critical("worker.embedded_broker_failed", error=str(exc))
+        os._exit(EXIT_CONFIG)
+    log.info("worker.embedded_broker", url=embedded_broker.url(settings.data_dir))
+
+
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _stop_embedded_broker(**_: Any) -> None:
+    """Stop the embedded broker once the consumer has let go (its last acks are in)."""
+    while _brokers:
+        _brokers.pop().stop(timeout=embedded_broker.STOP_TIMEOUT)
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]  # celery is untyped

@@ -11,6 +11,7 @@ tail, which pytest shows only when the test failed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -19,13 +20,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 import redis
 from celery import Celery
+
+from tests.brokers import GatedServer
+from tests.rabbitmq import RabbitMQServer
 
 BIN = Path(sys.executable).parent
 APP = "smtp_session.worker.app"  # what `celery -A` names
@@ -48,10 +52,13 @@ LOG_TAIL = 200
 
 
 class RedisServer:
-    """``redis-server`` on a unix socket, no TCP, no persistence; can be restarted."""
+    """``redis-server`` on a unix socket, no TCP, no persistence unless asked; restartable."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, persistent: bool = False) -> None:
         self.folder = folder
+        # Persistent: an append-only file in `folder`, as production Redis should keep
+        # (bench/chaos.py restarts it with messages in it).
+        self.persistent = persistent
         self.socket_path = folder / "redis.sock"
         self.log_path = folder / "redis.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -87,7 +94,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
                 "--dir",
                 str(self.folder),
             ],
@@ -212,6 +219,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    """A started RabbitMQ, one per test module (it takes seconds to start)."""
+    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
+    server.start()
+    yield server
+    server.close()
 
 
 # ----------------------------------------------------------------------------- worker
@@ -382,6 +398,32 @@ def wait_until_ready(client: Celery, worker: WorkerProcess, *, timeout: float) -
         if not worker.running:
             raise RuntimeError(f"worker exited early:\n{worker.output()}")
     raise TimeoutError(f"worker not ready after {timeout} s:\n{worker.output()}")
+
+
+async def ready_worker(
+    start_worker: WorkerFactory,
+    client: Celery,
+    env: Mapping[str, str],
+    *,
+    after: str | None = None,
+    **options: Any,
+) -> WorkerProcess:
+    """A worker started with `env` (and start_worker's `options`), answering pings; asked
+    only once it wrote a line matching `after`, if given (before it, pings would fail)."""
+    worker = start_worker(env=env, **options)
+    if after is not None:
+        await asyncio.to_thread(worker.wait_for_line, after, timeout=START_TIMEOUT)
+    await asyncio.to_thread(wait_until_ready, client, worker, timeout=START_TIMEOUT)
+    return worker
+
+
+@pytest.fixture
+async def gated_server() -> AsyncIterator[GatedServer]:
+    """A started :class:`GatedServer`: its sessions begin at ``open_gate()``."""
+    server = GatedServer()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 def running_task(client: Celery, task_id: str, *, timeout: float) -> dict[str, Any]:

@@ -74,10 +74,26 @@ async def test_unreachable_broker_with_wait_is_the_same_line(
     assert "cannot reach the broker" in run.stderr
 
 
-async def test_wait_without_a_worker_says_so_and_ends_at_the_wait_timeout(tmp_path: Path) -> None:
-    # The embedded broker: the task lands in the data dir's queue, where no worker looks.
-    env = cli_env(tmp_path)
-    data_dir = env["SMTP_SESSION_DATA_DIR"]
+async def test_a_redis_that_went_down_is_the_same_line_within_the_broker_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    redis_server.stop()  # it ran, and is gone: its socket file too
+    env = cli_env(tmp_path, {BROKER_URL: redis_server.url})
+
+    run = await run_cli("enqueue", "smtp.example.com", "--wait", "--broker-timeout", "1", env=env)
+
+    assert run.code == EXIT_NO_OUTCOME, run
+    assert run.stdout == ""
+    (line,) = run.stderr.splitlines()
+    assert line.startswith(f"smtp-session: cannot reach the broker {redis_server.url} "), line
+    assert 1.0 <= run.elapsed < 1.0 + START_UP, run.elapsed
+
+
+async def test_wait_without_a_worker_says_so_and_ends_at_the_wait_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The task lands in Redis's queue, where no worker looks.
+    env = cli_env(tmp_path, {BROKER_URL: redis_server.url})
 
     run = await run_cli(
         "enqueue", "smtp.example.com", "--wait", "--wait-timeout", "2", "--json", env=env
@@ -88,8 +104,8 @@ async def test_wait_without_a_worker_says_so_and_ends_at_the_wait_timeout(tmp_pa
     notice, timeout = run.stderr.splitlines()
     # Half the wait, since the wait is shorter than twice the usual 5 s.
     assert notice == (
-        "smtp-session: no outcome yet after 1 s; no worker answers on the embedded broker in "
-        f"{data_dir}: start `smtp-session worker` with the same SMTP_SESSION_DATA_DIR"
+        "smtp-session: no outcome yet after 1 s; no worker answers on the broker "
+        f"{redis_server.url}: start `smtp-session worker` with the same SMTP_SESSION_BROKER_URL"
     )
     assert re.fullmatch(
         rf"smtp-session: no outcome for task {TASK_ID} after 2 s \(--wait-timeout\); "
@@ -140,8 +156,10 @@ async def test_wait_with_a_busy_worker_says_the_task_is_queued_or_running(
     await silent.wait_connections(1, timeout=START_TIMEOUT)  # the worker is on it, as said
 
 
-async def test_ctrl_c_while_waiting_says_interrupted_and_exits_130(tmp_path: Path) -> None:
-    env = cli_env(tmp_path)
+async def test_ctrl_c_while_waiting_says_interrupted_and_exits_130(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = cli_env(tmp_path, {BROKER_URL: redis_server.url})
     started = asyncio.get_running_loop().time()
     process = await start_cli("enqueue", "smtp.example.com", "--wait", env=env)
     assert process.stderr is not None

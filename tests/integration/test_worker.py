@@ -34,6 +34,7 @@ from tests.integration.conftest import (
     WorkerFactory,
     WorkerProcess,
     child_processes,
+    ready_worker,
     running_task,
     wait_until_ready,
     worker_env,
@@ -112,42 +113,6 @@ def redis_worker(
 # ----------------------------------------------------------------------------- embedded broker
 
 
-async def test_embedded_broker_enqueue_wait_prints_the_outcome(
-    start_worker: WorkerFactory, smtp_server_factory: SmtpServerFactory, tmp_path: Path
-) -> None:
-    # No broker URL: the worker and `enqueue` meet in the filesystem broker and the
-    # file result backend under the shared data dir, with no server of any kind.
-    data_dir = tmp_path / "data"
-    env = worker_env(data_dir)
-    start_worker(env=env)
-    server = await smtp_server_factory(mode="plain")
-
-    run = await run_cli(
-        "enqueue",
-        f"{server.host}:{server.port}",
-        "--security",
-        "plain",
-        "--ehlo-name",
-        EHLO_NAME,
-        "--wait",
-        "--wait-timeout",
-        str(RESULT_TIMEOUT),
-        "--json",
-        env=env,
-    )
-
-    assert run.code == 0, run
-    lines = run.stdout.splitlines()
-    assert len(lines) == 1, run.stdout
-    outcome = Outcome.from_dict(json.loads(lines[0]))
-    assert outcome.ok, outcome
-    assert (outcome.host, outcome.port, outcome.attempts) == (server.host, server.port, 1)
-    assert server.received("EHLO")
-    assert server.received("QUIT")
-    # The result went through the embedded file backend, not a shortcut.
-    assert list((data_dir / "results").glob("celery-task-meta-*")), "no result file"
-
-
 # ----------------------------------------------------------------------------- Redis
 
 
@@ -193,15 +158,6 @@ async def test_421_is_retried_through_celery_with_the_same_task_id(
     assert result.state == "SUCCESS"
     with redis_server.client() as client:
         assert client.keys("celery-task-meta-*") == [f"celery-task-meta-{result.id}".encode()]
-
-
-async def ready_worker(
-    start_worker: WorkerFactory, client: Celery, env: dict[str, str], **options: Any
-) -> WorkerProcess:
-    """A worker started with `env` (and start_worker's `options`), answering pings."""
-    worker = start_worker(env=env, **options)
-    await blocking(lambda: wait_until_ready(client, worker, timeout=START_TIMEOUT))
-    return worker
 
 
 def send_opens(client: Celery, count: int, **fields: Any) -> list[AsyncResult]:
