@@ -35,8 +35,9 @@ class GatedServer(RawServer):
 
 
 def assert_ran_again(outcome: object, silent: RawServer, *, elapsed: float, within: float) -> None:
-    """A task whose worker was killed mid-session (on a ``silent`` server) ran once more,
-    to its end, within `within` seconds: a second connection, timed out again."""
+    """A task whose worker was killed mid-session (on a ``silent_after_banner`` server: it
+    greets, so no wrong-mode probe connects too) ran once more, to its end, within `within`
+    seconds: a second connection, timed out again."""
     assert elapsed < within, elapsed
     assert silent.connections_accepted == 2
     assert isinstance(outcome, Outcome)

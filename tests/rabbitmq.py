@@ -63,6 +63,7 @@ class RabbitMQServer:
         self.epmd_port = 0
         self._epmd: subprocess.Popen[bytes] | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
         self._log: IO[bytes] | None = None
 
     @property
@@ -157,9 +158,10 @@ class RabbitMQServer:
         self._process = process
         outcome: list[bool] = []
         done = threading.Event()
-        threading.Thread(
+        self._reader = threading.Thread(
             target=self._copy_log, args=(process, outcome, done), name="rabbitmq-log", daemon=True
-        ).start()
+        )
+        self._reader.start()
         if done.wait(START_TIMEOUT) and outcome == [True]:
             return True
         self.stop()
@@ -170,12 +172,14 @@ class RabbitMQServer:
     ) -> None:
         log = self._log
         assert process.stdout is not None and log is not None
-        for line in process.stdout:
-            log.write(line)
-            log.flush()
-            if not done.is_set() and (READY_LINE.encode() in line or FAILED_LINE.encode() in line):
-                outcome.append(READY_LINE.encode() in line)
-                done.set()
+        with process.stdout:  # the reader owns the pipe: closed at its end, not by the GC
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                ready, failed = READY_LINE.encode() in line, FAILED_LINE.encode() in line
+                if not done.is_set() and (ready or failed):
+                    outcome.append(ready)
+                    done.set()
         done.set()  # it exited
 
     def stop(self) -> None:
@@ -189,6 +193,9 @@ class RabbitMQServer:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(STOP_TIMEOUT)
+        if self._reader is not None:  # it ends at the pipe's end, closing it
+            self._reader.join(STOP_TIMEOUT)
+            self._reader = None
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -86,7 +86,7 @@ async def test_a_worker_killed_mid_task_gets_the_task_again_when_it_restarts(
     # running, which the next worker shuts down before it starts its own.
     env = worker_env(data_dir)
     first = await ready_worker(start_worker, client, env, after=BROKER_UP)
-    silent = await raw_server_factory("silent")
+    silent = await raw_server_factory("silent_after_banner")
     fields = {"host": silent.host, "port": silent.port, "security": "plain"}
     task_id = submit(client, **fields, ehlo_name=EHLO_NAME, timeout=HANG_TIMEOUT, retries=0)
     await silent.wait_connections(1, timeout=RESULT_TIMEOUT)  # mid-flight
@@ -107,7 +107,7 @@ async def test_a_worker_killed_mid_task_gets_the_task_again_when_it_restarts(
         outcome = await asyncio.to_thread(result, fresh, task_id, REDELIVERED_WITHIN)
 
     # The message was still in the broker's unacked set on disk; the new worker put it back
-    # in the queue at start and ran it (the silent server timed it out again).
+    # in the queue at start and ran it (the server timed it out again).
     elapsed = loop.time() - killed_at
     assert_ran_again(outcome, silent, elapsed=elapsed, within=REDELIVERED_WITHIN)
 

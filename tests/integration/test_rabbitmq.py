@@ -87,7 +87,7 @@ async def test_a_sigkilled_worker_s_task_is_delivered_again_at_once(
         tmp_path / "data", {BROKER_URL: rabbitmq.url, RESULT_BACKEND: redis_server.url}
     )
     first = await ready_worker(start_worker, web_backend, env)
-    silent = await raw_server_factory("silent")
+    silent = await raw_server_factory("silent_after_banner")
     task_id = submit(
         web_backend, **plain_fields(silent.host, silent.port, timeout=HANG_TIMEOUT, retries=0)
     )
@@ -100,7 +100,7 @@ async def test_a_sigkilled_worker_s_task_is_delivered_again_at_once(
     outcome = await asyncio.to_thread(result, web_backend, task_id, REDELIVERED_WITHIN)
 
     # RabbitMQ requeued it when the dead worker's connection dropped: the new worker ran it
-    # to its end at once (the silent server timed it out again), no visibility timeout.
+    # to its end at once (the server timed it out again), no visibility timeout.
     elapsed = loop.time() - killed_at
     assert_ran_again(outcome, silent, elapsed=elapsed, within=REDELIVERED_WITHIN)
 
