@@ -1,8 +1,9 @@
 """Name lookups that a deadline can abandon.
 
-The system resolver (getaddrinfo, getfqdn) blocks a thread. In asyncio's default executor
-an abandoned lookup would still hold `asyncio.run()` at exit until the resolver gives up,
-whatever the request's timeout; a daemon thread of its own is simply left behind.
+The system resolver (getaddrinfo, getfqdn: /etc/hosts, nsswitch, then DNS, as every other
+tool on the host resolves) blocks a thread. In asyncio's default executor an abandoned
+lookup would still hold `asyncio.run()` at exit until the resolver gives up, whatever the
+request's timeout; a few daemon threads of our own run them instead, in turn.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -25,6 +27,8 @@ LOCAL_NAME_TIMEOUT = 2.0  # then EHLO says the connection's address literal inst
 NON_PUBLIC_SUFFIXES = frozenset(
     {"localhost", "localdomain", "local", "internal", "home.arpa", "invalid", "test"}
 )
+#: Threads that run the system resolver's lookups, at most (see _LookupThreads).
+LOOKUP_THREADS = 16
 #: RFC 8305 §5 "Connection Attempt Delay": its recommended 250 ms before the next address.
 HAPPY_EYEBALLS_DELAY = 0.25
 
@@ -32,8 +36,38 @@ _T = TypeVar("_T")
 _local_name: list[str] = []
 
 
-async def in_daemon_thread(func: Callable[..., _T], *args: Any) -> _T:
-    """Run a blocking call in a daemon thread; cancelling the await abandons it."""
+class _LookupThreads:
+    """A few daemon threads that run the system resolver's blocking calls, in turn.
+
+    Daemon threads: an abandoned lookup never holds the process at exit (the standard
+    library's thread pools join theirs). A bounded number: a sweep of thousands of names
+    with a slow resolver makes lookups wait their turn, inside their own deadlines, rather
+    than start a thread each.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._started = 0
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._started < self.size:
+                self._started += 1
+                threading.Thread(target=self._work, name="smtp-session-lookup", daemon=True).start()
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            self._jobs.get()()
+
+
+_lookups = _LookupThreads(LOOKUP_THREADS)
+
+
+async def in_lookup_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking lookup on a lookup thread; cancelling the await abandons it."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_T] = loop.create_future()
 
@@ -46,6 +80,8 @@ async def in_daemon_thread(func: Callable[..., _T], *args: Any) -> _T:
             future.set_result(result)  # type: ignore[arg-type]  # result is a _T here
 
     def run() -> None:
+        if future.done():
+            return  # abandoned while it waited its turn: not worth asking
         result: _T | None = None
         error: BaseException | None = None
         try:
@@ -56,7 +92,7 @@ async def in_daemon_thread(func: Callable[..., _T], *args: Any) -> _T:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="smtp-session-lookup", daemon=True).start()
+    _lookups.submit(run)
     return await future
 
 
@@ -87,7 +123,7 @@ async def resolve(host: str, port: int) -> list[AddressInfo]:
     literal = literal_address(host, port)
     if literal is not None:
         return literal
-    found = await in_daemon_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    found = await in_lookup_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
     return [(int(f), int(k), p, name, tuple(a)) for f, k, p, name, a in found]
 
 
@@ -105,7 +141,7 @@ async def local_fqdn() -> str | None:
     if not _local_name:
         try:
             async with asyncio.timeout(LOCAL_NAME_TIMEOUT):
-                name = await in_daemon_thread(socket.getfqdn)
+                name = await in_lookup_thread(socket.getfqdn)
         except TimeoutError:
             name = socket.gethostname()
         _local_name.append(name)

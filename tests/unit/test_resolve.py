@@ -12,6 +12,7 @@ import contextlib
 import errno
 import re
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -19,9 +20,11 @@ from pydantic import ValidationError
 
 from smtp_session.tasks.discovery import parse_nameservers
 from smtp_session.tasks.resolve import (
+    LOOKUP_THREADS,
     AddressInfo,
     address_literal,
     connect_first,
+    in_lookup_thread,
     is_public_fqdn,
     literal_address,
 )
@@ -167,3 +170,27 @@ def test_a_bad_dns_server_is_named(text: str, problem: str) -> None:
         parse_nameservers(text)
     with pytest.raises(ValidationError, match="dns_servers"):
         Settings(dns_servers=text)
+
+
+async def test_lookups_share_a_bounded_number_of_threads() -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def slow_lookup(number: int) -> int:
+        gate.wait(5)
+        calls.append(number)
+        return number
+
+    # More lookups than threads, all stuck on a slow resolver: they wait their turn.
+    lookups = [asyncio.ensure_future(in_lookup_thread(slow_lookup, n)) for n in range(100)]
+    await asyncio.sleep(0.1)
+    threads = [t for t in threading.enumerate() if t.name == "smtp-session-lookup"]
+    assert 0 < len(threads) <= LOOKUP_THREADS
+    assert all(thread.daemon for thread in threads)  # never held at exit
+    # A deadline abandons a lookup; one abandoned while it waited its turn is never run.
+    abandoned = lookups[-1]
+    abandoned.cancel()
+    gate.set()
+    assert await asyncio.gather(*lookups[:-1]) == list(range(99))
+    await asyncio.sleep(0.2)  # the threads have reached the abandoned one by now
+    assert 99 not in calls and len(calls) == 99
