@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx2
@@ -52,13 +53,14 @@ _TRUST_ORDER: tuple[TrustMode, ...] = ("native", "portable")
 @dataclass
 class _Token:
     access_token: str
-    expires_at: float  # time.monotonic()
+    expires_at: float  # on TokenSource.clock
 
 
 class TokenSource:
     """The process's access tokens, one per OAuth2 client, fetched once at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # seconds, monotonic: when a token expires
         self._tokens: dict[str, _Token] = {}
         self._refresh_tokens: dict[str, str] = {}  # rotated ones, by the secret's
         self._locks: dict[str, asyncio.Lock] = {}
@@ -86,7 +88,7 @@ class TokenSource:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:  # one fetch per client at a time; the others reuse its token
             token = self._tokens.get(key)
-            if token is not None and time.monotonic() < token.expires_at:
+            if token is not None and self.clock() < token.expires_at:
                 return token.access_token
             refresh_token = self._refresh_tokens.get(key, client.refresh_token)
             answer = await _fetch(client, refresh_token, credentials, extra_ca_file)
@@ -99,7 +101,7 @@ class TokenSource:
             rotated = answer.get("refresh_token")
             if client.refresh_token is not None and isinstance(rotated, str) and rotated:
                 self._refresh_tokens[key] = rotated
-            self._tokens[key] = _Token(access_token, time.monotonic() + _lifetime(answer))
+            self._tokens[key] = _Token(access_token, self.clock() + _lifetime(answer))
             return access_token
 
     def forget(self, credentials: Credentials) -> None:

@@ -98,10 +98,23 @@ _PEM_CERTIFICATE = re.compile(
 def read_ca_file(path: str) -> str:
     """The PEM certificates of a CA file; raises OSError, or ValueError saying what is wrong.
 
-    Opened without blocking and read only when it is a regular file, so that a FIFO or a
-    device named as a CA file fails at once rather than hanging the session; bounded by
-    MAX_CA_FILE. Only the certificates are kept (a private key beside them is not).
+    Read only when it is a regular file, so that a FIFO or a device named as a CA file
+    fails at once rather than hanging the session; bounded by MAX_CA_FILE. Only the
+    certificates are kept (a private key beside them is not). Read again whenever the
+    file changed: its identity and change time (ctime, which no utime can set back) key
+    the cache, not its mtime; the contexts built from it are keyed by its content.
     """
+    info = os.stat(path)  # stat never blocks on a FIFO
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("is not a regular file")
+    return _read_certificates(
+        path, (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _read_certificates(path: str, _identity: tuple[int, ...]) -> str:
+    # Opened without blocking, and checked again: the path may have been replaced since.
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
@@ -140,9 +153,10 @@ def _cached_context(mode: TrustMode, ca_pems: tuple[str, ...], _version: object)
 
 def forget_contexts() -> None:
     """Drop the cached contexts (truststore's native one keeps every store it loaded), and
-    the store certificates read from them."""
+    the store certificates and CA files read for them."""
     _cached_context.cache_clear()
     _anchor.cache_clear()
+    _read_certificates.cache_clear()
 
 
 def verifying_context(

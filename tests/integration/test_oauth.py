@@ -19,7 +19,7 @@ import structlog
 import trustme
 
 from smtp_session.tasks.errors import ErrorCategory
-from smtp_session.tasks.oauth import EXPIRY_MARGIN
+from smtp_session.tasks.oauth import EXPIRY_MARGIN, TOKENS
 from smtp_session.tasks.outcome import Outcome
 from smtp_session.tasks.session import RetryPolicy, open_session
 from tests.servers import LOOPBACK, SmtpServer, SmtpServerFactory
@@ -105,15 +105,18 @@ async def test_a_token_is_fetched_once_and_reused(mailbox: Mailbox) -> None:
 
 
 async def test_an_expiring_token_is_refreshed_with_the_rotated_refresh_token(
-    mailbox: Mailbox,
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A 2 s token is used for half its life (under twice the margin); the endpoint
-    # rotates refresh tokens and refuses the old one once it did.
-    assert 2 * EXPIRY_MARGIN > 2
-    mailbox.endpoint.expires_in, mailbox.endpoint.rotate = 2, True
+    # An hour's token is used until EXPIRY_MARGIN before it ends (the process's clock,
+    # moved on here); the endpoint rotates refresh tokens and refuses the old one then.
+    now = [1000.0]
+    monkeypatch.setattr(TOKENS, "clock", lambda: now[0])
+    mailbox.endpoint.expires_in, mailbox.endpoint.rotate = 3600, True
     first = await mailbox.session()
-    again = await mailbox.session()
-    await asyncio.sleep(1.1)
+    now[0] += 3600 - EXPIRY_MARGIN - 1
+    again = await mailbox.session()  # still valid: no request
+    assert len(mailbox.endpoint.requests) == 1
+    now[0] += 2
     later = await mailbox.session()
     assert [first.ok, again.ok, later.ok] == [True, True, True], later.err_message
     refreshes = [form["refresh_token"] for form in mailbox.endpoint.requests]

@@ -49,6 +49,10 @@ def refusing(*hosts: str) -> Iterator[list[AddressInfo]]:
         yield addresses
 
 
+#: Bound on each wait of the lookup-thread test (it takes milliseconds).
+WAIT = 5.0
+
+
 def deadline(seconds: float = BUDGET) -> float:
     return asyncio.get_running_loop().time() + seconds
 
@@ -173,24 +177,29 @@ def test_a_bad_dns_server_is_named(text: str, problem: str) -> None:
 
 
 async def test_lookups_share_a_bounded_number_of_threads() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Semaphore(0)
     calls: list[int] = []
 
     def slow_lookup(number: int) -> int:
-        gate.wait(5)
+        entered.release()
+        gate.wait(WAIT)
         calls.append(number)
         return number
 
     # More lookups than threads, all stuck on a slow resolver: they wait their turn.
     lookups = [asyncio.ensure_future(in_lookup_thread(slow_lookup, n)) for n in range(100)]
-    await asyncio.sleep(0.1)
+    for _ in range(LOOKUP_THREADS):  # every thread holds one
+        assert await asyncio.to_thread(entered.acquire, True, WAIT)
     threads = [t for t in threading.enumerate() if t.name == "smtp-session-lookup"]
-    assert 0 < len(threads) <= LOOKUP_THREADS
+    assert len(threads) == LOOKUP_THREADS
     assert all(thread.daemon for thread in threads)  # never held at exit
     # A deadline abandons a lookup; one abandoned while it waited its turn is never run.
     abandoned = lookups[-1]
     abandoned.cancel()
     gate.set()
     assert await asyncio.gather(*lookups[:-1]) == list(range(99))
-    await asyncio.sleep(0.2)  # the threads have reached the abandoned one by now
+    # One lookup per thread that waits for all the others: every thread is past the
+    # abandoned one when they meet.
+    meeting = threading.Barrier(LOOKUP_THREADS, timeout=WAIT)
+    await asyncio.gather(*(in_lookup_thread(meeting.wait) for _ in range(LOOKUP_THREADS)))
     assert 99 not in calls and len(calls) == 99
